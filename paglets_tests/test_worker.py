@@ -21,7 +21,7 @@ from paglets import (
     PagletCrashedError,
 )
 from paglets_tests import agents
-from paglets_tests.conftest import wait_until
+from paglets_tests.conftest import process_gone, wait_until
 
 
 def test_create_send_and_state(host: paglets.Host) -> None:
@@ -188,7 +188,7 @@ def test_dispose_of_a_hung_paglet_is_bounded(make_host) -> None:  # type: ignore
     started = time.monotonic()
     hung.dispose()
     assert time.monotonic() - started < 5
-    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    wait_until(lambda: process_gone(pid))
     assert not hung.is_valid()
 
 
@@ -196,7 +196,7 @@ def test_workers_end_with_stop(make_host) -> None:  # type: ignore[no-untyped-de
     host = make_host("stopper")
     pids = [host.create(agents.Ticker).info()["pid"] for _ in range(3)]
     host.stop()
-    wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids))
+    wait_until(lambda: all(process_gone(pid) for pid in pids))
 
 
 def test_self_deactivate_and_dispose_from_a_handler(host: paglets.Host) -> None:
