@@ -90,6 +90,7 @@ __all__ = [
     "PagletInactiveError",
     "PayloadTooLargeError",
     "RemoteHostError",
+    "RequestError",
     "SerializationError",
     "ServiceContractError",
     "ServiceNotFoundError",
@@ -445,6 +446,14 @@ class PayloadTooLargeError(PagletError):
     http_status = 413
 
 
+class RequestError(PagletError):
+    """An HTTP request the host cannot serve (no such route, bad media type, missing length)."""
+
+    def __init__(self, message: str = "", status: int = 400) -> None:
+        super().__init__(message)
+        self.http_status = status  # type: ignore[misc]
+
+
 class _HandlerError(PagletError):
     """A paglet's own exception whose class cannot be rebuilt here; keeps kind and message."""
 
@@ -607,8 +616,10 @@ def _resolve_class(name: Any, kind: str, allow: Iterable[str] | None) -> type:
     if kind == "paglet" and name in _PAGLET_CLASSES:
         return _current_class(_PAGLET_CLASSES[name], name)
     cls = _walk_qualname(module, qualname)
-    if not isinstance(cls, type) or _qualified_name(cls) != name:
+    if cls is None:
         raise SerializationError(f"no class {name!r}")
+    if not isinstance(cls, type) or _qualified_name(cls) != name:
+        raise ForbiddenError(f"{name!r} is not a {'Paglet subclass' if kind == 'paglet' else kind + ' class'}")
     if kind == "state" and dataclasses.is_dataclass(cls):
         return cls
     if kind == "enum" and issubclass(cls, enum.Enum):
@@ -4503,27 +4514,19 @@ class MeshRegistry:
 # Threads: one thread per connection; handlers call the Host, which is thread-safe.
 
 
-class _HttpError(PagletError):
-    """An HTTP-level refusal (unsupported media type, missing length) with its own status."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.http_status = status  # type: ignore[misc]
-
-
 def _http_read_body(request: Any, limit: int) -> bytes:
     """Read the request body ourselves: length checked first, never spooled to a temporary file."""
     if "chunked" in request.environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        raise _HttpError("chunked request bodies are not accepted; send Content-Length", 411)
+        raise RequestError("chunked request bodies are not accepted; send Content-Length", 411)
     length_text = request.environ.get("CONTENT_LENGTH") or "0"
     if not length_text.isdigit():
-        raise _HttpError("bad Content-Length", 400)
+        raise RequestError("bad Content-Length", 400)
     length = int(length_text)
     if length > limit:
         raise PayloadTooLargeError(f"request body of {length} bytes is over the limit of {limit}")
     data = request.environ["wsgi.input"].read(length) if length else b""
     if len(data) != length:
-        raise _HttpError("request body shorter than its Content-Length", 400)
+        raise RequestError("request body shorter than its Content-Length", 400)
     return bytes(data)
 
 
@@ -4537,7 +4540,7 @@ def _http_decode(request: Any, limit: int) -> Any:
         return _cbor_loads(data, untrusted=True)
     if content_type in (_JSON_TYPE, "", "text/plain"):
         return _json_loads(data)
-    raise _HttpError(f"unsupported content type {content_type!r}; use {_JSON_TYPE} or {_CBOR_TYPE}", 415)
+    raise RequestError(f"unsupported content type {content_type!r}; use {_JSON_TYPE} or {_CBOR_TYPE}", 415)
 
 
 def _http_map(tree: Any, *keys: str) -> dict[str, Any]:
@@ -4564,7 +4567,7 @@ def _http_int(query: Any, name: str, default: int, low: int, high: int) -> int:
     if text is None or text == "":
         return default
     if not re.fullmatch(r"-?\d{1,12}", text):
-        raise _HttpError(f"query parameter {name!r} must be an integer", 400)
+        raise RequestError(f"query parameter {name!r} must be an integer", 400)
     return max(low, min(high, int(text)))
 
 
@@ -4599,14 +4602,17 @@ def _route_services(host: Host, request: Any) -> tuple[int, Any]:
 def _route_agents(host: Host, request: Any) -> tuple[int, Any]:
     state = request.query.get("state") or "active"
     if state not in ("active", "inactive", "all"):
-        raise _HttpError("state must be active, inactive or all", 400)
+        raise RequestError("state must be active, inactive or all", 400)
     return 200, {"agents": host.list_agents(state)}
 
 
 def _route_create(host: Host, request: Any) -> tuple[int, Any]:
     body = _http_map(_http_decode(request, host.config.max_body_bytes), "agent_class")
     cls = _resolve_class(body["agent_class"], "paglet", host.config.allow_modules)
-    state = _wire_decode(body.get("state"), host.resolve)
+    state = body.get("state")
+    if isinstance(state, dict) and not any(key.startswith("$") for key in state):
+        state = {"$dc": _qualified_name(cls.State), "$f": state}  # a plain map holds the State's fields
+    state = _wire_decode(state, host.resolve)
     init = _wire_decode(body.get("init"), host.resolve)
     agent_id = body.get("agent_id")
     proxy = host.create(cls, state, init=init, agent_id=None if agent_id is None else _check_agent_id(agent_id))
@@ -4707,7 +4713,7 @@ def _build_wsgi_app(host: Host) -> bottle.Bottle:
         app.route(path, method, _http_wrap(host, handler, auth))
 
     def not_found(error: Any) -> bytes:
-        exc = _HttpError(f"no route {bottle.request.method} {bottle.request.path}", error.status_code)
+        exc = RequestError(f"no route {bottle.request.method} {bottle.request.path}", error.status_code)
         return _http_encode(bottle.request, bottle.response, error.status_code, _error_to_wire(exc))
 
     for code in (400, 404, 405, 413, 500):
