@@ -3522,12 +3522,12 @@ class _WorkerRuntime:
         os._exit(0)
 
     # -- paglet ---------------------------------------------------------------------------------
-    def state_tree(self) -> Any:
-        """The paglet's state as a wire tree, captured under its lock."""
+    def state_blob(self) -> bytes:
+        """The paglet's state as CBOR bytes, captured under its lock (how state travels and is stored)."""
         assert self.paglet is not None
         with self.paglet.locked():
             self.state_version += 1
-            return _wire_encode(self.paglet.state, "state")
+            return _cbor_dumps(_wire_encode(self.paglet.state, "state"))
 
     def start_run(self) -> None:
         threading.Thread(target=self._run, name="paglet-run", daemon=True).start()
@@ -3556,7 +3556,8 @@ def _worker_boot(rt: _WorkerRuntime, frame: list[Any]) -> None:
             with contextlib.suppress(ValueError, OSError):
                 resource.setrlimit(resource.RLIMIT_DATA, (int(limit), int(limit)))
         cls = _resolve_class(boot["agent_class"], "paglet", None)
-        state = None if boot.get("state") is None else _wire_decode(boot["state"], rt.resolve)
+        blob = boot.get("state")
+        state = None if blob is None else _wire_decode(_cbor_loads(blob, untrusted=False), rt.resolve)
         paglet = cls(state, agent_id=boot["agent_id"])
         paglet._context = PagletContext(_WorkerStub(rt), paglet.agent_id)
         rt.paglet = paglet
@@ -3573,7 +3574,7 @@ def _worker_hook(rt: _WorkerRuntime, frame: list[Any]) -> None:
         ok, value, state = True, None, None
         try:
             value = _WORKER_STEPS[step](rt, args)
-            state = rt.state_tree()
+            state = rt.state_blob()
         except BaseException as exc:
             ok, value = False, _frame_error(exc)
         rt.mailbox.leave()
@@ -3606,7 +3607,7 @@ def _worker_handle(rt: _WorkerRuntime, call_id: int, wire: Any, oneway: bool, ch
         ok, value = False, _frame_error(exc)
     if checkpoint:
         with contextlib.suppress(Exception):
-            state = [rt.state_tree(), rt.state_version]
+            state = [rt.state_blob(), rt.state_version]
     ready = rt.mailbox.leave() if queued else False
     rt.send(_F_REPLY, call_id, ok, value, state, ready and not rt.terminal)
     rt.done()
@@ -3614,7 +3615,7 @@ def _worker_handle(rt: _WorkerRuntime, call_id: int, wire: Any, oneway: bool, ch
 
 def _worker_peek(rt: _WorkerRuntime, frame: list[Any]) -> None:
     try:
-        rt.send(_F_REPLY, frame[1], True, rt.state_tree(), None, False)
+        rt.send(_F_REPLY, frame[1], True, rt.state_blob(), None, False)
     except Exception as exc:
         rt.send(_F_REPLY, frame[1], False, _frame_error(exc), None, False)
 
@@ -3780,7 +3781,7 @@ class _WorkerStub:
                 extra = _step_deactivating(rt, arg)
             else:
                 rt.paglet.on_disposing(rt.event_for(PersistencyEvent, reason="dispose"))
-            result = rt.request("complete_" + op, plan if plan is not None else arg, rt.state_tree(), extra)
+            result = rt.request("complete_" + op, plan if plan is not None else arg, rt.state_blob(), extra)
             if op == "clone":
                 rt.paglet.on_cloned(event)
             else:
@@ -3814,7 +3815,7 @@ class _WorkerStub:
         self._self_step("dispose", None)
 
     def snapshot(self, agent_id: str) -> None:
-        self._rt.request("snapshot", self._rt.state_tree(), self._rt.state_version)
+        self._rt.request("snapshot", self._rt.state_blob(), self._rt.state_version)
 
     # -- the rest of _HostPort: plain requests ------------------------------------------------------
     def get_proxy(self, agent_id: str, include_inactive: bool = False, host_url: str | None = None) -> PagletProxy | None:
@@ -5041,12 +5042,12 @@ class Host:
         if state is not None and cls.State is not PagletState and not isinstance(state, cls.State):
             raise SerializationError(f"state of {cls.__name__} must be a {cls.State.__name__}, not {type(state).__name__}")
         agent_id = _check_agent_id(agent_id) if agent_id is not None else _new_id()
-        state_tree = None if state is None else _wire_encode(state, "state")
+        blob = None if state is None else _cbor_dumps(_wire_encode(state, "state"))
         with self._agent_lock(agent_id):
             if agent_id in self._live or self._store.agent(agent_id) is not None:
                 raise LifecycleError(f"a paglet {agent_id!r} already exists here")
             event = CreationEvent(agent_id, self.name, self.address, init=init)
-            self._start(cls, agent_id, state_tree, "creation", event.to_wire(), {"created_at": time.time()}, 0)
+            self._start(cls, agent_id, blob, "creation", event.to_wire(), {"created_at": time.time()}, 0)
         self._emit("created", agent_id, _qualified_name(cls))
         return PagletProxy(self.address, agent_id, self)
 
@@ -5096,16 +5097,19 @@ class Host:
 
     def get_state_tree(self, agent_id: str) -> Any:
         """A paglet's state as a wire tree (for the HTTP API)."""
+        return _cbor_loads(self._state_blob(agent_id), untrusted=False)
+
+    def _state_blob(self, agent_id: str) -> bytes:
         live = self._live.get(agent_id)
         if live is not None:
             ok, value, _ = live.worker.call(_F_PEEK).result(self.config.hook_timeout)
             if not ok:
                 raise _error_from_wire(value)
-            return value
-        row = self._store.agent(agent_id)
+            return bytes(value)
+        row = self._store.agent(_check_agent_id(agent_id))
         if row is None or row.status not in ("inactive", "active", "crashed") or row.state is None:
             raise InvalidAgentError(f"no paglet {agent_id!r} on {self.name}")
-        return _cbor_loads(row.state, untrusted=False)
+        return row.state
 
     def list_agents(self, state: str = "active") -> list[dict[str, Any]]:
         """Info maps of this host's paglets: "active", "inactive" or "all"."""
@@ -5154,7 +5158,7 @@ class Host:
         with self._lock:
             return self._agent_locks.setdefault(agent_id, threading.RLock())
 
-    def _spawn(self, cls: type, agent_id: str, state_tree: Any) -> _Worker:
+    def _spawn(self, cls: type, agent_id: str, state: bytes | None) -> _Worker:
         """Start a worker for a paglet and build the paglet in it (no hook has run yet)."""
         forks = _ForkServer.shared()
         if not forks.forked and cls.__module__ == "__main__":
@@ -5167,7 +5171,7 @@ class Host:
         worker = _Worker(agent_id, _qualified_name(cls), ours)
         limit = getattr(cls, "MEMORY_LIMIT", None) or self.config.paglet_memory_limit
         boot = {
-            "agent_id": agent_id, "agent_class": _qualified_name(cls), "state": state_tree, "host_name": self.name,
+            "agent_id": agent_id, "agent_class": _qualified_name(cls), "state": state, "host_name": self.name,
             "host_address": self.address, "memory_limit": limit,
         }  # fmt: skip
         booted = worker.call(_F_BOOT, boot)
@@ -5189,15 +5193,15 @@ class Host:
             raise LifecycleError(f"cannot build {cls.__qualname__} in its worker: {type(error).__name__}: {error}") from error
         return worker
 
-    def _start(self, cls: type, agent_id: str, state_tree: Any, step: str, event: Any, meta: dict[str, Any], epoch: int) -> _Live:
+    def _start(self, cls: type, agent_id: str, state: bytes | None, step: str, event: Any, meta: dict[str, Any], epoch: int) -> _Live:
         """Spawn, run the arrival-type hook, store the checkpoint as active, then publish the worker."""
-        worker = self._spawn(cls, agent_id, state_tree)
+        worker = self._spawn(cls, agent_id, state)
         live = _Live(worker, cls, meta, epoch)
         with self._lock:
             self._starting[agent_id] = live  # the hook may already subscribe or register files
         try:
-            _, state = worker.step(step, event, self.config.hook_timeout)
-            row = _AgentRow(agent_id, worker.agent_class, "active", _cbor_dumps(state), 0, meta=live.meta, epoch=epoch)
+            _, checkpoint = worker.step(step, event, self.config.hook_timeout)
+            row = _AgentRow(agent_id, worker.agent_class, "active", checkpoint, 0, meta=live.meta, epoch=epoch)
             self._store.put_agent(row)
         except BaseException:
             worker.end(0.2)
@@ -5268,8 +5272,7 @@ class Host:
                 raise InvalidAgentError(f"no paglet {agent_id!r} on {self.name}")
             cls = _resolve_class(row.agent_class, "paglet", None)  # our own database names it: trusted
             event = PersistencyEvent(agent_id, self.name, self.address, reason=reason, request=row.request, policy=row.policy)
-            state_tree = None if row.state is None else _cbor_loads(row.state, untrusted=False)
-            live = self._start(cls, agent_id, state_tree, "activation", event.to_wire(), row.meta, row.epoch)
+            live = self._start(cls, agent_id, row.state, "activation", event.to_wire(), row.meta, row.epoch)
             self._deliver_queued(agent_id, live)
         self._emit("activated", agent_id, row.agent_class, data={"reason": reason})
         return live
@@ -5285,7 +5288,7 @@ class Host:
             with contextlib.suppress(PagletError):
                 _, _, state = future.result()
                 if state is not None:
-                    self._store.checkpoint(agent_id, _cbor_dumps(state[0]), state[1])
+                    self._store.checkpoint(agent_id, state[0], state[1])
                 self._store.dequeue(seq)
 
     def deactivate(self, agent_id: str, request: DeactivationRequest | None = None) -> PagletProxy:
@@ -5308,7 +5311,7 @@ class Host:
             policy = dataclasses.replace(policy, activate_on_startup=True)
         reason = "shutdown" if request.reason == "shutdown" else "deactivate"
         row = _AgentRow(
-            agent_id, live.worker.agent_class, "inactive", _cbor_dumps(state), 0, policy, request, reason, live.meta, epoch=live.epoch
+            agent_id, live.worker.agent_class, "inactive", state, 0, policy, request, reason, live.meta, epoch=live.epoch
         )
         self._store.put_agent(row)
         self._requeue(live, policy)
@@ -5359,8 +5362,7 @@ class Host:
         """Store an active paglet's current state as its checkpoint."""
         live = self._require_live(agent_id)
         assert live is not None
-        tree = self.get_state_tree(agent_id)
-        self._store.checkpoint(agent_id, _cbor_dumps(tree), int(time.time() * 1e6))
+        self._store.checkpoint(agent_id, self._state_blob(agent_id), int(time.time() * 1e6))
 
     # ==== disposal ================================================================================
     def dispose(self, agent_id: str) -> None:
@@ -5421,7 +5423,7 @@ class Host:
             raise TimeoutError(f"paglet {agent_id!r} did not answer {message.kind!r} within {timeout} s") from None
         live.worker.handled += 1
         if state is not None:
-            self._store.checkpoint(agent_id, _cbor_dumps(state[0]), state[1])
+            self._store.checkpoint(agent_id, state[0], state[1])
         if not ok:
             raise _error_from_wire(value)
         return value
@@ -5431,7 +5433,7 @@ class Host:
             _, _, state = future.result()
             if state is not None:
                 with contextlib.suppress(PagletError):
-                    self._store.checkpoint(agent_id, _cbor_dumps(state[0]), state[1])
+                    self._store.checkpoint(agent_id, state[0], state[1])
 
     def _wake_for(self, agent_id: str, message: Message, oneway: bool) -> _Live | None:
         """A message for a paglet that is not running: activate it, queue the message, or refuse."""
@@ -5856,8 +5858,8 @@ def _op_log_error(host: Host, worker: _Worker, where: str, error: Any) -> None:
     host._emit(f"{where}-failed", worker.agent_id, worker.agent_class, error=f"{kind}: {message}")
 
 
-def _op_snapshot(host: Host, worker: _Worker, state: Any, version: int) -> None:
-    host._store.checkpoint(worker.agent_id, _cbor_dumps(state), version)
+def _op_snapshot(host: Host, worker: _Worker, state: bytes, version: int) -> None:
+    host._store.checkpoint(worker.agent_id, state, version)
 
 
 def _op_live(host: Host, worker: _Worker) -> _Live:
