@@ -674,6 +674,28 @@ def _safe_file_name(name: Any) -> str:
     return name
 
 
+def _save_stream(chunks: Iterable[bytes], target: Path, ref: Any) -> Any:
+    """Stream chunks into ``target`` through a temporary file; refuse content that is not ``ref``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{_new_id()[:8]}.partial")
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(partial, "wb") as handle:
+            for chunk in chunks:
+                digest.update(chunk)
+                size += len(chunk)
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if size != ref.size or (ref.sha256 and digest.hexdigest() != ref.sha256):
+            raise TransferError(f"artifact {ref.name!r} arrived damaged ({size} bytes, sha256 {digest.hexdigest()[:12]}...)")
+        os.replace(partial, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+    return ref
+
+
 # ==============================================================================
 # 5. Wire codec
 # ==============================================================================
@@ -1654,6 +1676,10 @@ class _Connection(http.client.HTTPConnection):
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class _Unreachable(RemoteHostError):
+    """The connection could not even be opened: the request certainly did not arrive."""
+
+
 _CBOR_TYPE = "application/cbor"
 _JSON_TYPE = "application/json"
 _STALE_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
@@ -1684,7 +1710,7 @@ class HostClient:
             parts = urllib.parse.urlsplit(url)
             if parts.scheme != "http" or not parts.hostname:
                 raise RemoteHostError(f"not an http URL: {url!r}")
-            conn = conns[url] = _Connection(parts.hostname, parts.port or 80, timeout=self.timeout)
+            conn = conns[url] = _Connection(parts.hostname, parts.port or 80, timeout=self.timeout, blocksize=ARTIFACT_CHUNK_BYTES)
         return conn
 
     def close(self) -> None:
@@ -1703,9 +1729,14 @@ class HostClient:
         return headers
 
     def open(
-        self, method: str, url: str, path: str, body: Any = None, *, timeout: float | None = None, body_type: str | None = None
-    ) -> http.client.HTTPResponse:
-        """Send one request and return the response (whose body the caller reads)."""
+        self, method: str, url: str, path: str, body: Any = None, *, timeout: float | None = None,
+        body_type: str | None = None, length: int | None = None,
+    ) -> http.client.HTTPResponse:  # fmt: skip
+        """Send one request and return the response (whose body the caller reads).
+
+        ``body`` is a wire tree (sent as CBOR), or bytes or a file with its ``body_type`` (and
+        ``length`` for a file).
+        """
         url = _normalize_url(url)
         if body is not None and body_type is None:
             body, body_type = _cbor_dumps(body), _CBOR_TYPE
@@ -1717,19 +1748,23 @@ class HostClient:
                     conn.sock.settimeout(timeout or self.timeout)
                 else:
                     conn.timeout = timeout or self.timeout
-                conn.request(method, path, body=body, headers=self._headers(body_type))
+                headers = self._headers(body_type)
+                if length is not None:
+                    headers["Content-Length"] = str(length)
+                conn.request(method, path, body=body, headers=headers)
                 return conn.getresponse()
             except _STALE_ERRORS as exc:
                 conn.close()
-                if reused and attempt == 0 and not hasattr(body, "read"):
+                if reused and attempt == 0 and isinstance(body, (bytes, type(None))):
                     continue  # a keep-alive connection the server had closed: once more, fresh
                 raise RemoteHostError(f"connection to {url} failed: {exc}") from exc
             except TimeoutError as exc:
                 conn.close()
                 raise TimeoutError(f"no answer from {url}{path} within {timeout or self.timeout} s") from exc
             except OSError as exc:
+                unsent = conn.sock is None  # the connection never opened: not one byte went out
                 conn.close()
-                raise RemoteHostError(f"cannot reach {url}: {exc}") from exc
+                raise (_Unreachable if unsent else RemoteHostError)(f"cannot reach {url}: {exc}") from exc
         raise AssertionError("unreachable")
 
     def call(self, method: str, url: str, path: str, body: Any = None, *, timeout: float | None = None) -> Any:
@@ -1842,6 +1877,48 @@ class HostClient:
     def get_proxy(self, agent_id: str, host_url: str | None = None) -> PagletProxy | None:
         """A proxy through this client (``PagletProxyRef.resolve(client)``)."""
         return PagletProxy(host_url, agent_id, self) if host_url else None
+
+    # -- artifacts: streamed both ways, never whole in memory ---------------------------------------
+    def upload_artifact(
+        self, path: Path | str, *, host_url: str | None = None, name: str | None = None, owner_agent_id: str = "",
+        expires_at: float | None = None, compression: str = "", sha256: str | None = None,
+    ) -> ArtifactRef:  # fmt: skip
+        """POST /artifacts: stream a file into another host's database."""
+        if not host_url:
+            raise RemoteHostError("upload_artifact needs the host_url of the host to store it on")
+        path = Path(path)
+        query = {"name": name or path.name, "owner": owner_agent_id, "compression": compression}
+        query.update({k: str(v) for k, v in (("expires_at", expires_at), ("sha256", sha256)) if v is not None})
+        with open(path, "rb") as handle:
+            response = self.open(
+                "POST", host_url, "/artifacts?" + urllib.parse.urlencode(query), handle, timeout=CALL_TIMEOUT,
+                body_type="application/octet-stream", length=os.fstat(handle.fileno()).st_size,
+            )  # fmt: skip
+            tree = self._decode(response, response.read(), host_url, "/artifacts")
+        return ArtifactRef.from_wire(tree["artifact"])
+
+    def download_artifact(self, ref: ArtifactRef, target: Path | str, move: bool = False) -> ArtifactRef:
+        """GET /artifacts/<id> into a file (via a temporary name), checking size and SHA-256."""
+        response = self.open("GET", ref.host_url, f"/artifacts/{_check_agent_id(ref.artifact_id)}", timeout=CALL_TIMEOUT)
+        if response.status >= 400:
+            self._decode(response, response.read(), ref.host_url, "/artifacts")
+        try:
+            _save_stream(iter(lambda: response.read(ARTIFACT_CHUNK_BYTES), b""), Path(target), ref)
+        except (OSError, http.client.HTTPException) as exc:
+            self._connection(ref.host_url, fresh=True)
+            raise TransferError(f"download of artifact {ref.name!r} failed: {exc}") from exc
+        if move:
+            self.delete_artifact(ref)
+        return ref
+
+    def delete_artifact(self, ref: ArtifactRef) -> None:
+        """DELETE /artifacts/<id>."""
+        self.call("DELETE", ref.host_url, f"/artifacts/{_check_agent_id(ref.artifact_id)}")
+
+    def artifacts(self, url: str, sha256: str | None = None) -> list[ArtifactRef]:
+        """GET /artifacts: complete artifacts of a host (optionally with one SHA-256)."""
+        query = f"?sha256={urllib.parse.quote(sha256)}" if sha256 else ""
+        return [ArtifactRef.from_wire(item) for item in self.call("GET", url, "/artifacts" + query)["artifacts"]]
 
 
 # ==============================================================================
@@ -3047,10 +3124,11 @@ class _Store:
     def startup_activations(self) -> list[tuple[str, str]]:
         """(agent_id, reason) of paglets to start with the host: crashed actives and wake-on-start."""
         found = self.rows(
-            "SELECT agent_id, status, reason FROM agents WHERE status='active'"
+            "SELECT agent_id, status, reason FROM agents WHERE status IN ('active', 'arriving')"
             " OR (status='inactive' AND activate_on_startup=1) ORDER BY updated_at"
         )
-        return [(r[0], "recover" if r[1] == "active" else ("shutdown" if r[2] == "shutdown" else "startup")) for r in found]
+        reasons = {"active": "recover", "arriving": "arrival"}
+        return [(r[0], reasons.get(r[1]) or ("shutdown" if r[2] == "shutdown" else "startup")) for r in found]
 
     # -- durable message queues -------------------------------------------------------------------
     def enqueue(self, agent_id: str, message: bytes, oneway: bool) -> None:
@@ -3186,6 +3264,159 @@ class _Store:
         used, files = self.rows("SELECT coalesce(sum(size), 0), count(*) FROM storage WHERE owner=?", (owner,))[0]
         return int(used), int(files)
 
+    # -- the transfer journal (exactly-once movement, see section 18) ------------------------------
+    def begin_departure(self, tid: str, agent_id: str, peer: str, epoch: int, state: bytes, kind: str) -> None:
+        """Source, step 1: in one durable commit, the paglet is DEPARTING under ``tid`` and ``epoch``.
+
+        A clone leaves its original as it is; only the journal row is written.
+        """
+        now = time.time()
+        with self.write(durable=True) as conn:
+            if kind != "clone":
+                conn.execute(
+                    "UPDATE agents SET status='departing', state=?, epoch=?, updated_at=? WHERE agent_id=?",
+                    (state, epoch, now, agent_id),
+                )
+            conn.execute(
+                "INSERT INTO transfers (tid, agent_id, direction, status, peer_url, epoch, body, created_at, updated_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
+                (tid, agent_id, "out", "departing", peer, epoch, _cbor_dumps({"kind": kind}), now, now),
+            )
+
+    def end_departure(self, tid: str, outcome: str) -> None:
+        """Source, step 4 or 5: "accepted" leaves a tombstone that forwards; "refused" makes it active again."""
+        found = self.rows("SELECT agent_id, peer_url, body FROM transfers WHERE tid=? AND direction='out'", (tid,))
+        if not found:
+            return
+        agent_id, peer, body = found[0]
+        kind = (_store_unblob(body) or {}).get("kind")
+        with self.write(durable=True) as conn:
+            conn.execute("UPDATE transfers SET status=?, updated_at=? WHERE tid=?", (outcome, time.time(), tid))
+            if kind == "clone":
+                return
+            if outcome == "accepted":
+                conn.execute(
+                    "UPDATE agents SET status='gone', forward_url=?, state=NULL, updated_at=? WHERE agent_id=? AND status='departing'",
+                    (peer, time.time(), agent_id),
+                )
+            else:
+                conn.execute("UPDATE agents SET status='active', updated_at=? WHERE agent_id=? AND status='departing'", (time.time(), agent_id))
+
+    def open_departures(self) -> list[tuple[str, str, str, str]]:
+        """Transfers this host started and never heard the end of: (tid, agent_id, peer, kind)."""
+        found = self.rows("SELECT tid, agent_id, peer_url, body FROM transfers WHERE direction='out' AND status='departing'")
+        return [(r[0], r[1], r[2], (_store_unblob(r[3]) or {}).get("kind", "dispatch")) for r in found]
+
+    def accept_arrival(self, tid: str, row: _AgentRow, peer: str) -> str:
+        """Target, step 3, in one durable transaction keyed by ``tid``: "accepted" or "refused".
+
+        Already accepted: "accepted" again (the source retried).  Already refused, an epoch not
+        above the highest seen for this paglet, or the paglet living here already: "refused".
+        """
+        now = time.time()
+        with self.write(durable=True) as conn:
+            seen = list(conn.execute("SELECT status FROM transfers WHERE tid=? AND direction='in'", (tid,)))
+            if seen:
+                return str(seen[0][0])
+            top = list(conn.execute("SELECT epoch FROM epochs WHERE agent_id=?", (row.agent_id,)))
+            here = list(conn.execute("SELECT status FROM agents WHERE agent_id=?", (row.agent_id,)))
+            stale = bool(top) and row.epoch <= top[0][0]
+            taken = bool(here) and here[0][0] not in ("gone",)
+            outcome = "refused" if stale or taken else "accepted"
+            if outcome == "accepted":
+                self.put_agent(row, tx=conn)
+                conn.execute("INSERT OR REPLACE INTO epochs (agent_id, epoch) VALUES (?,?)", (row.agent_id, row.epoch))
+            conn.execute(
+                "INSERT INTO transfers (tid, agent_id, direction, status, peer_url, epoch, body, created_at, updated_at)"
+                " VALUES (?,?,'in',?,?,?,NULL,?,?)",
+                (tid, row.agent_id, outcome, peer, row.epoch, now, now),
+            )
+        return outcome
+
+    def abort_arrival(self, tid: str, agent_id: str, peer: str) -> str:
+        """Target, when the source gives up: "accepted" if it was, else a durable refusal."""
+        with self.write(durable=True) as conn:
+            seen = list(conn.execute("SELECT status FROM transfers WHERE tid=? AND direction='in'", (tid,)))
+            if seen:
+                return str(seen[0][0])
+            now = time.time()
+            conn.execute(
+                "INSERT INTO transfers (tid, agent_id, direction, status, peer_url, epoch, body, created_at, updated_at)"
+                " VALUES (?,?,'in','refused',?,0,NULL,?,?)",
+                (tid, agent_id, peer, now, now),
+            )
+        return "refused"
+
+    def forget_transfers(self, before: float) -> None:
+        """Drop finished journal rows and tombstones older than ``before`` (epochs stay for ever)."""
+        with self.write() as conn:
+            conn.execute("DELETE FROM transfers WHERE status<>'departing' AND updated_at<?", (before,))
+            conn.execute("DELETE FROM agents WHERE status='gone' AND updated_at<?", (before,))
+
+    # -- artifacts: metadata in one table, content in chunk rows ----------------------------------------
+    def artifact_begin(self, artifact_id: str, body: dict[str, Any], expires_at: float | None, quota: int, size: int) -> None:
+        """Reserve an artifact of ``size`` bytes; StorageQuotaError if all artifacts would pass the quota."""
+        with self.write() as conn:
+            used = next(iter(conn.execute("SELECT coalesce(sum(size), 0) FROM artifacts")))[0]
+            if used + size > quota:
+                raise StorageQuotaError(f"artifacts would hold {used + size} bytes, over the host's quota of {quota}")
+            conn.execute(
+                "INSERT INTO artifacts (artifact_id, body, size, sha256, complete, expires_at, created_at) VALUES (?,?,?,?,0,?,?)",
+                (artifact_id, _cbor_dumps(body), size, "", expires_at, time.time()),
+            )
+
+    def artifact_chunk(self, artifact_id: str, seq: int, data: bytes) -> None:
+        """Store one chunk (one short transaction, so other writers never wait long)."""
+        with self.write() as conn:
+            conn.execute("INSERT OR REPLACE INTO artifact_chunks (artifact_id, seq, data) VALUES (?,?,?)", (artifact_id, seq, data))
+
+    def artifact_finish(self, artifact_id: str, sha256: str, body: dict[str, Any]) -> None:
+        """Mark an artifact complete (durably: its uploader is told it is stored)."""
+        with self.write(durable=True) as conn:
+            conn.execute(
+                "UPDATE artifacts SET complete=1, sha256=?, body=? WHERE artifact_id=?", (sha256, _cbor_dumps(body), artifact_id)
+            )
+
+    def artifact(self, artifact_id: str) -> tuple[dict[str, Any], bool] | None:
+        """(metadata, complete) of an artifact that has not expired, or None."""
+        found = self.rows(
+            "SELECT body, complete FROM artifacts WHERE artifact_id=? AND (expires_at IS NULL OR expires_at>?)", (artifact_id, time.time())
+        )
+        return (_store_unblob(found[0][0]), bool(found[0][1])) if found else None
+
+    def artifacts(self, sha256: str | None = None) -> list[dict[str, Any]]:
+        """Metadata of complete, unexpired artifacts (optionally with one SHA-256)."""
+        sql = "SELECT body FROM artifacts WHERE complete=1 AND (expires_at IS NULL OR expires_at>?)"
+        found = self.rows(sql + " AND sha256=? ORDER BY created_at", (time.time(), sha256)) if sha256 else self.rows(sql + " ORDER BY created_at", (time.time(),))
+        return [_store_unblob(r[0]) for r in found]
+
+    def artifact_chunks(self, artifact_id: str) -> Iterator[bytes]:
+        """The content, one chunk (one short read) at a time."""
+        seq = -1
+        while True:
+            found = self.rows("SELECT seq, data FROM artifact_chunks WHERE artifact_id=? AND seq>? ORDER BY seq LIMIT 1", (artifact_id, seq))
+            if not found:
+                return
+            seq = found[0][0]
+            yield bytes(found[0][1])
+
+    def artifact_delete(self, artifact_id: str) -> bool:
+        """Delete an artifact and its chunks; False if there was none."""
+        with self.write() as conn:
+            existed = bool(list(conn.execute("SELECT 1 FROM artifacts WHERE artifact_id=?", (artifact_id,))))
+            conn.execute("DELETE FROM artifact_chunks WHERE artifact_id=?", (artifact_id,))
+            conn.execute("DELETE FROM artifacts WHERE artifact_id=?", (artifact_id,))
+        return existed
+
+    def expired_artifacts(self) -> list[str]:
+        """Artifacts past their expiry, and uploads abandoned for an hour."""
+        now = time.time()
+        found = self.rows(
+            "SELECT artifact_id FROM artifacts WHERE (expires_at IS NOT NULL AND expires_at<=?) OR (complete=0 AND created_at<?)",
+            (now, now - 3600),
+        )
+        return [r[0] for r in found]
+
 
 # ==============================================================================
 # 12. Files and artifacts
@@ -3224,23 +3455,20 @@ class _Files:
         return self.files_root / _check_agent_id(agent_id)
 
     def register(self, agent_id: str, source: Path, name: str | None, mode: str, host_url: str) -> PagletFileRef:
-        """Take a file into the paglet's keeping (copy, or move), and describe it."""
+        """Describe a file a paglet will carry; it stays where it is until the paglet moves.
+
+        On dispatch it travels to the target ("move" then deletes it here, "copy" leaves it);
+        a clone always copies.
+        """
         if mode not in ("copy", "move"):
-            raise ValueError(f"mode must be 'copy' or 'move', not {mode!r}")
-        source = Path(source)
+            raise ForbiddenError(f"mode must be 'copy' or 'move', not {mode!r}")
+        source = Path(source).resolve()
         if not source.is_file():
             raise FileNotFoundError(f"no such file: {source}")
         name = _safe_file_name(name or source.name)
-        target = self.files_dir(agent_id) / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{name}.partial")
-        shutil.copyfile(source, partial)
-        os.replace(partial, target)
-        digest, size = _sha256_file(target)
-        if mode == "move":
-            source.unlink()
+        digest, size = _sha256_file(source)
         now = time.time()
-        return PagletFileRef(name, host_url, str(source), now, now, digest, size, str(target), mode)
+        return PagletFileRef(name, host_url, str(source), now, now, digest, size, str(source), mode)
 
     def unregister(self, agent_id: str, name: str) -> None:
         """Delete the paglet's copy of a registered file."""
@@ -3271,6 +3499,88 @@ class _Files:
             used, files = self.store.storage_usage(owner)
             return [used, quota, files]
         raise ValueError(f"unknown storage operation {op!r}")
+
+
+class _NoSuchArtifact(PagletError):
+    """No artifact with that id here (404)."""
+
+    http_status = 404
+
+
+class _Artifacts:
+    """Blobs in the host's database: streamed in and out in chunks, checked by size and SHA-256."""
+
+    def __init__(self, store: _Store, host_url: str, quota: int) -> None:
+        self.store, self.host_url, self.quota = store, host_url, quota
+
+    def put(self, read: Callable[[int], bytes], size: int, name: str | None = None, owner: str = "",
+            expires_at: float | None = None, compression: str = "", sha256: str | None = None) -> ArtifactRef:  # fmt: skip
+        """Store ``size`` bytes from ``read`` chunk by chunk; the expected SHA-256 is checked if given."""
+        if size < 0:
+            raise RequestError("an artifact upload needs Content-Length", 411)
+        artifact_id = _new_id()
+        ref = ArtifactRef(self.host_url, artifact_id, _safe_file_name(name or artifact_id), size, "", compression,
+                          time.time(), expires_at, owner)  # fmt: skip
+        self.store.artifact_begin(artifact_id, ref.to_wire(), expires_at, self.quota, size)
+        try:
+            digest, seq, left = hashlib.sha256(), 0, size
+            while left:
+                chunk = read(min(ARTIFACT_CHUNK_BYTES, left))
+                if not chunk:
+                    raise RequestError(f"artifact body ended {left} bytes early")
+                digest.update(chunk)
+                self.store.artifact_chunk(artifact_id, seq, chunk)
+                seq, left = seq + 1, left - len(chunk)
+            if sha256 and digest.hexdigest() != sha256:
+                raise SerializationError(f"artifact {ref.name!r}: SHA-256 is {digest.hexdigest()}, not {sha256}")
+            ref = dataclasses.replace(ref, sha256=digest.hexdigest())
+            self.store.artifact_finish(artifact_id, ref.sha256, ref.to_wire())
+        except BaseException:
+            self.store.artifact_delete(artifact_id)
+            raise
+        return ref
+
+    def put_file(self, path: Path | str, **meta: Any) -> ArtifactRef:
+        """Store a file as an artifact."""
+        path = Path(path)
+        with open(path, "rb") as handle:
+            meta.setdefault("name", path.name)
+            return self.put(handle.read, os.fstat(handle.fileno()).st_size, **meta)
+
+    def ref(self, artifact_id: str) -> ArtifactRef:
+        """The reference of a complete artifact; InvalidAgentError-like 404 if there is none."""
+        found = self.store.artifact(artifact_id)
+        if found is None or not found[1]:
+            raise _NoSuchArtifact(f"no artifact {artifact_id!r} on {self.host_url}")
+        return ArtifactRef.from_wire(found[0])
+
+    def find(self, sha256: str) -> ArtifactRef | None:
+        """A complete artifact with this content, if one is stored."""
+        found = self.store.artifacts(sha256)
+        return ArtifactRef.from_wire(found[-1]) if found else None
+
+    def list(self) -> list[ArtifactRef]:
+        """Every complete artifact."""
+        return [ArtifactRef.from_wire(body) for body in self.store.artifacts()]
+
+    def chunks(self, artifact_id: str) -> Iterator[bytes]:
+        """The content of an artifact, chunk by chunk."""
+        return self.store.artifact_chunks(artifact_id)
+
+    def save(self, artifact_id: str, target: Path | str) -> ArtifactRef:
+        """Write an artifact into a file (via a temporary name), checking size and SHA-256."""
+        ref = self.ref(artifact_id)
+        return _save_stream(self.chunks(artifact_id), Path(target), ref)
+
+    def delete(self, artifact_id: str) -> None:
+        """Delete an artifact; 404 if there is none."""
+        if not self.store.artifact_delete(artifact_id):
+            raise _NoSuchArtifact(f"no artifact {artifact_id!r} on {self.host_url}")
+
+    def expire(self) -> None:
+        """Drop expired artifacts and abandoned uploads."""
+        for artifact_id in self.store.expired_artifacts():
+            self.store.artifact_delete(artifact_id)
 
 
 # ==============================================================================
@@ -4655,6 +4965,56 @@ def _route_agent_op(op: str) -> Callable[..., tuple[int, Any]]:
     return handle
 
 
+def _route_artifact_upload(host: Host, request: Any) -> tuple[int, Any]:
+    query = request.query
+    length = request.environ.get("CONTENT_LENGTH", "")
+    if "chunked" in request.environ.get("HTTP_TRANSFER_ENCODING", "").lower() or not length.isdigit():
+        raise RequestError("an artifact upload needs Content-Length (no chunked bodies)", 411)
+    expires = query.get("expires_at")
+    try:
+        expires_at = float(expires) if expires else None
+    except ValueError:
+        raise RequestError("expires_at must be a Unix time", 400) from None
+    sha256 = query.get("sha256") or None
+    if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise RequestError("sha256 must be 64 lowercase hex digits", 400)
+    ref = host._artifacts.put(
+        request.environ["wsgi.input"].read, int(length), name=query.get("name") or None, owner=query.get("owner") or "",
+        expires_at=expires_at, compression=query.get("compression") or "", sha256=sha256,
+    )  # fmt: skip
+    return 201, {"artifact": ref.to_wire()}
+
+
+def _route_artifacts(host: Host, request: Any) -> tuple[int, Any]:
+    sha256 = request.query.get("sha256")
+    refs = [host._artifacts.find(sha256)] if sha256 else host._artifacts.list()
+    return 200, {"artifacts": [ref.to_wire() for ref in refs if ref is not None]}
+
+
+def _route_artifact(host: Host, request: Any, artifact_id: str) -> Any:
+    ref = host._artifacts.ref(_check_agent_id(artifact_id))
+    headers = {"Content-Type": "application/octet-stream", "Content-Length": str(ref.size), "X-Paglets-Sha256": ref.sha256}
+    return bottle.HTTPResponse(host._artifacts.chunks(ref.artifact_id), 200, **headers)
+
+
+def _route_artifact_metadata(host: Host, request: Any, artifact_id: str) -> tuple[int, Any]:
+    return 200, {"artifact": host._artifacts.ref(_check_agent_id(artifact_id)).to_wire()}
+
+
+def _route_artifact_delete(host: Host, request: Any, artifact_id: str) -> tuple[int, Any]:
+    host._artifacts.delete(_check_agent_id(artifact_id))
+    return 200, {"deleted": True}
+
+
+def _route_transfer(host: Host, request: Any) -> tuple[int, Any]:
+    return 200, {"status": host.receive_transfer(_http_decode(request, host.config.max_body_bytes))}
+
+
+def _route_transfer_abort(host: Host, request: Any, tid: str) -> tuple[int, Any]:
+    body = _http_map(_http_decode(request, host.config.max_body_bytes), "agent_id", "source_url")
+    return 200, {"status": host.abort_transfer(tid, body["agent_id"], str(body["source_url"]))}
+
+
 #: The remote API: (method, path, handler, needs auth).
 _ROUTES: list[tuple[str, str, Callable[..., tuple[int, Any]], bool]] = [
     ("GET", "/health", _route_health, False),
@@ -4667,6 +5027,13 @@ _ROUTES: list[tuple[str, str, Callable[..., tuple[int, Any]], bool]] = [
     ("GET", "/agents/<agent_id>", _route_agent, True),
     ("GET", "/agents/<agent_id>/state", _route_state, True),
     ("POST", "/agents/<agent_id>/messages", _route_message, True),
+    ("POST", "/transfers", _route_transfer, True),
+    ("POST", "/transfers/<tid>/abort", _route_transfer_abort, True),
+    ("GET", "/artifacts", _route_artifacts, True),
+    ("POST", "/artifacts", _route_artifact_upload, True),
+    ("GET", "/artifacts/<artifact_id>", _route_artifact, True),
+    ("DELETE", "/artifacts/<artifact_id>", _route_artifact_delete, True),
+    ("GET", "/artifacts/<artifact_id>/metadata", _route_artifact_metadata, True),
 ] + [
     ("POST", f"/agents/<agent_id>/{op}", _route_agent_op(op), True)
     for op in ("dispatch", "clone", "retract", "deactivate", "activate", "dispose")
@@ -4940,6 +5307,7 @@ class Host:
         self.port: int = self._server.server_address[1]
         self.address = _normalize_url(public_url) if public_url else self._bound_url()
         self._files = _Files(self.data_dir, self._store, self.config.storage_quota)
+        self._artifacts = _Artifacts(self._store, self.address, self.config.artifact_quota)
         self.mesh = MeshRegistry(self.config, self.client, self._store, self._self_ref)
         self._live: dict[str, _Live] = {}
         self._starting: dict[str, _Live] = {}
@@ -5174,12 +5542,12 @@ class Host:
             "agent_id": agent_id, "agent_class": _qualified_name(cls), "state": state, "host_name": self.name,
             "host_address": self.address, "memory_limit": limit,
         }  # fmt: skip
-        booted = worker.call(_F_BOOT, boot)
         try:
             started = forks.start_worker(theirs, modules)
         finally:
             theirs.close()
         self._hub.add(worker)
+        booted = worker.call(_F_BOOT, boot)  # after the fork request: a big state does not fit in the socket buffer
         try:
             worker.pid = started.result(self.config.hook_timeout)
             ok, value, _ = booted.result(self.config.hook_timeout)
@@ -5343,19 +5711,25 @@ class Host:
             if live is not None:
                 self._retire(live, 0.2)
 
-    def _require_live(self, agent_id: str, inactive_ok: bool = False) -> _Live | None:
+    def _require_live(self, agent_id: str, inactive_ok: bool = False, wake: bool = False) -> _Live | None:
+        """The running paglet; an inactive one is None (inactive_ok), started (wake) or an error."""
         live = self._live.get(agent_id)
         if live is not None:
             return live
         row = self._store.agent(_check_agent_id(agent_id))
         if row is None or row.status in ("gone", "departing"):
-            raise InvalidAgentError(f"no paglet {agent_id!r} on {self.name}")
+            moved = f" (it moved to {row.forward_url})" if row is not None and row.forward_url else ""
+            raise InvalidAgentError(f"no paglet {agent_id!r} on {self.name}{moved}")
         if row.status == "crashed":
             raise PagletCrashedError(row.reason or f"paglet {agent_id!r} crashed")
+        if row.status == "arriving":
+            return self._arrive(agent_id)
         if row.status == "active":  # restored lazily after a crash of the host
             return self._activate(agent_id, "recover")
         if inactive_ok:
             return None
+        if wake:
+            return self._activate(agent_id, "activate")
         raise PagletInactiveError(f"paglet {agent_id!r} is inactive")
 
     def snapshot(self, agent_id: str) -> None:
@@ -5408,7 +5782,10 @@ class Host:
         """Deliver and return the reply as a wire tree (not decoded)."""
         live = self._live.get(agent_id)
         if live is None:
-            live = self._wake_for(agent_id, message, oneway)
+            row = self._store.agent(_check_agent_id(agent_id))
+            if row is not None and row.status == "gone" and row.forward_url:
+                return self._forward(row.forward_url, agent_id, message.to_wire(), oneway, timeout)
+            live = self._wake_for(agent_id, row, message, oneway)
             if live is None:
                 return None if oneway else {"queued": True, "message_id": message.message_id}
         checkpoint = live.cls.CHECKPOINT == "message"
@@ -5435,15 +5812,14 @@ class Host:
                 with contextlib.suppress(PagletError):
                     self._store.checkpoint(agent_id, state[0], state[1])
 
-    def _wake_for(self, agent_id: str, message: Message, oneway: bool) -> _Live | None:
+    def _wake_for(self, agent_id: str, row: _AgentRow | None, message: Message, oneway: bool) -> _Live | None:
         """A message for a paglet that is not running: activate it, queue the message, or refuse."""
-        row = self._store.agent(_check_agent_id(agent_id))
-        if row is None or row.status == "departing":
+        if row is None or row.status in ("departing", "gone"):
             raise InvalidAgentError(f"no paglet {agent_id!r} on {self.name}")
-        if row.status == "gone":
-            raise InvalidAgentError(f"paglet {agent_id!r} moved to {row.forward_url}")
         if row.status == "crashed":
             raise PagletCrashedError(row.reason or f"paglet {agent_id!r} crashed")
+        if row.status == "arriving":
+            return self._arrive(agent_id)
         if row.status == "active":
             return self._activate(agent_id, "recover")
         policy = row.policy or DeactivationPolicy()
@@ -5596,7 +5972,10 @@ class Host:
     def _target(self, ticket: TransferTicket) -> HostRef:
         if self.is_local_url(ticket.destination):
             return self._self_ref()
-        return self.mesh.check_target(ticket.destination, ticket)
+        try:
+            return self.mesh.check_target(ticket.destination, ticket)
+        except (RemoteHostError, TimeoutError) as exc:
+            raise TransferError(f"cannot move to {ticket.destination}: {exc}") from exc
 
     def _clone_event(self, agent_id: str, clone_id: str, target: HostRef) -> CloneEvent:
         return CloneEvent(
@@ -5612,23 +5991,282 @@ class Host:
         )  # fmt: skip
 
     def _place_clone(
-        self, live: _Live, clone_id: str, state: Any, ticket: TransferTicket, target: HostRef, event: CloneEvent
+        self, live: _Live, clone_id: str, state: bytes, ticket: TransferTicket, target: HostRef, event: CloneEvent
     ) -> PagletProxy:
-        """Start the copy here, or hand it to another host."""
-        meta = {
-            "created_at": time.time(),
-            "cloned_from": live.worker.agent_id,
-            **{k: v for k, v in live.meta.items() if k == "subscriptions"},
-        }
+        """Start the copy here, or hand it to another host (exactly once, like a dispatch)."""
+        meta = {"created_at": time.time(), "cloned_from": live.worker.agent_id, "subscriptions": list(live.meta.get("subscriptions", []))}
         if target.url == self.address:
+            meta["files"] = self._copy_files(live.meta.get("files", []), clone_id)
             self._start(live.cls, clone_id, state, "clone", event.to_wire(), meta, 0)
-            self._emit("cloned", live.worker.agent_id, live.worker.agent_class, data={"clone": clone_id})
-            return PagletProxy(self.address, clone_id, self)
-        raise TransferError("moving between hosts is not available yet")
+        else:
+            meta["files"] = live.meta.get("files", [])
+            self._handoff(live, state, ticket, target, "clone", clone_id, 1, meta)
+        self._emit("cloned", live.worker.agent_id, live.worker.agent_class, data={"clone": clone_id, "to": target.url})
+        return PagletProxy(target.url, clone_id, self)
+
+    def _copy_files(self, files: list[dict[str, Any]], agent_id: str) -> list[dict[str, Any]]:
+        """A local clone gets its own copies of the registered files."""
+        copies = []
+        for item in files:
+            ref = PagletFileRef.from_wire(item)
+            target = self._files.files_dir(agent_id) / ref.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ref.current_path, target)
+            copies.append(dataclasses.replace(ref, current_path=str(target), mode="copy").to_wire())
+        return copies
 
     def _send_away(self, agent_id: str, ticket: TransferTicket, reason: str) -> PagletProxy:
-        """Dispatch (or retract) a paglet: hook, then the exactly-once handoff, then end the worker."""
-        raise TransferError("moving between hosts is not available yet")
+        """Dispatch (or retract) a paglet: its hook, the exactly-once handoff, then its worker ends."""
+        with self._agent_lock(agent_id):
+            live = self._require_live(agent_id, wake=True)
+            assert live is not None
+            target = self._target(ticket)
+            if target.url == self.address:
+                return PagletProxy(self.address, agent_id, self)  # already here
+            event = self._mobility_event(agent_id, target, reason)
+            with live.worker.hold(self.config.hook_timeout):
+                step = "dispatching" if reason == "dispatch" else "reverting"
+                _, state = live.worker.step(step, event.to_wire(), self.config.hook_timeout)
+                self._handoff(live, state, ticket, target, reason, agent_id, live.epoch + 1, live.meta)
+                self._depart(live, target.url, ask=True)
+        return PagletProxy(target.url, agent_id, self)
+
+    # ==== the exactly-once handoff ======================================================================
+    # 1. Source: the worker is held (no handler runs) and its state was captured by the hook.  Files
+    #    go first, as artifacts addressed by SHA-256.  One durable commit marks the paglet DEPARTING
+    #    with a new transfer id (tid) and epoch + 1; nothing is sent before that commit.
+    # 2. The envelope goes to POST /transfers; a retry reuses the tid.
+    # 3. Target, in one durable transaction keyed by tid, stores the paglet and answers "accepted"
+    #    (again, for a retry) or "refused"; only after that commit does its worker start.
+    # 4. Source, on "accepted": the paglet is GONE here (a tombstone that forwards messages).
+    # 5. Source, on failure: it asks the target to abort tid.  "refused" (committed there) lets the
+    #    paglet run here again; "accepted" means it arrived after all.  With no answer the move is in
+    #    doubt and the paglet runs nowhere until the target answers (asked again in the background
+    #    and at every start of this host).
+    def _handoff(
+        self, live: _Live, state: bytes, ticket: TransferTicket, target: HostRef, kind: str, agent_id: str, epoch: int,
+        meta: dict[str, Any],
+    ) -> None:  # fmt: skip
+        files = [self._upload_file(item, target.url, agent_id) for item in meta.get("files", [])]
+        envelope = {
+            "tid": _new_id(), "kind": kind, "agent_id": agent_id, "agent_class": live.worker.agent_class, "epoch": epoch,
+            "source_agent_id": live.worker.agent_id, "source_name": self.name, "source_url": self.address,
+            "arrival_mode": ticket.arrival_mode.value, "meta": {**meta, "files": files}, "state": state,
+        }  # fmt: skip
+        tid = envelope["tid"]
+        self._crash_point("before-begin")
+        self._store.begin_departure(tid, agent_id, target.url, epoch, state, kind)
+        outcome, error, unsent = self._send_envelope(target.url, envelope, ticket)
+        if outcome is None:
+            outcome = self._ask_abort(target.url, tid, agent_id, unsent)
+        if outcome is None:
+            self._emit("transfer-in-doubt", agent_id, live.worker.agent_class, error=str(error), data={"tid": tid, "to": target.url})
+            if kind != "clone":
+                self._retire(live, self.config.stop_grace)  # it may be running there: it must not run here too
+            raise TransferError(f"moving {agent_id!r} to {target.url} is in doubt ({error}); it is resolved when that host answers")
+        self._store.end_departure(tid, outcome)
+        if outcome != "accepted":
+            raise TransferError(f"{target.url} did not take {agent_id!r}: {error or 'refused'}")
+        self._emit("dispatched" if kind != "clone" else "clone-sent", agent_id, live.worker.agent_class, data={"to": target.url})
+        for item in meta.get("files", []):
+            if kind != "clone" and item.get("mode") == "move":
+                with contextlib.suppress(OSError):
+                    os.unlink(item["current_path"])
+
+    def _upload_file(self, item: dict[str, Any], url: str, agent_id: str) -> dict[str, Any]:
+        """A registered file goes ahead of its paglet (skipped if the target already has that content)."""
+        ref = PagletFileRef.from_wire(item)
+        digest, size = _sha256_file(Path(ref.current_path))
+        known = self.client.artifacts(url, digest)
+        artifact = known[0] if known else self.client.upload_artifact(
+            ref.current_path, host_url=url, name=ref.name, owner_agent_id=agent_id, sha256=digest
+        )  # fmt: skip
+        return {**dataclasses.replace(ref, sha256=digest, size=size).to_wire(), "artifact_id": artifact.artifact_id}
+
+    def _send_envelope(self, url: str, envelope: dict[str, Any], ticket: TransferTicket) -> tuple[str | None, Exception | None, bool]:
+        """Step 2: (outcome or None, last error, whether nothing was ever sent)."""
+        error: Exception | None = None
+        unsent = True
+        for attempt in range(ticket.retries + 1):
+            if attempt:
+                time.sleep(ticket.retry_interval)  # back off before the same tid goes again
+            try:
+                self._crash_point("before-send")
+                tree = self.client.call("POST", url, "/transfers", envelope, timeout=ticket.timeout)
+                self._crash_point("after-send")
+                return str(tree["status"]), None, False
+            except _Unreachable as exc:
+                error = exc
+            except (PagletError, TimeoutError, KeyError, TypeError) as exc:
+                error, unsent = exc, False
+        return None, error, unsent
+
+    def _ask_abort(self, url: str, tid: str, agent_id: str, unsent: bool) -> str | None:
+        """Step 5: "accepted" or "refused" as the target says; None when it cannot be asked."""
+        try:
+            tree = self.client.call("POST", url, f"/transfers/{tid}/abort", {"agent_id": agent_id, "source_url": self.address}, timeout=5.0)
+            return str(tree["status"])
+        except (PagletError, TimeoutError, KeyError, TypeError):
+            return "refused" if unsent else None  # never sent: it cannot be there
+
+    def _depart(self, live: _Live, url: str, ask: bool) -> None:
+        """After step 4: messages waiting for the paglet follow it; its worker and files here go."""
+        agent_id = live.worker.agent_id
+        for message, oneway, future in live.worker.take_queue():
+            self._pool.submit(self._forward_into, future, url, agent_id, message, oneway)
+        self._retire(live, self.config.stop_grace, ask)
+        self._files.drop_agent(agent_id)
+        self._store.delete_services(agent_id)
+
+    def _forward_into(self, future: Future[Any], url: str, agent_id: str, message: dict[str, Any], oneway: bool) -> None:
+        try:
+            future.set_result((True, self._forward(url, agent_id, message, oneway, self.config.call_timeout), None))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    def _forward(self, url: str, agent_id: str, message: dict[str, Any], oneway: bool, timeout: float | None) -> Any:
+        """Pass a message on to the host a paglet moved to; returns the reply tree."""
+        body = {**message, "oneway": oneway}
+        tree = self.client.call("POST", url, f"/agents/{agent_id}/messages", body, timeout=(timeout or self.config.call_timeout) + 5)
+        return None if oneway else tree.get("reply")
+
+    def _crash_point(self, step: str) -> None:
+        """In test mode only: die here, as a power cut would, so tests can prove exactly-once.
+
+        Steps: before-begin, before-send, after-send (source); before-accept, after-accept (target).
+        """
+        if os.environ.get(ENV_TEST_MODE) == "1" and os.environ.get(ENV_CRASH_AT) == step:
+            os._exit(86)
+
+    def resolve_transfers(self) -> None:
+        """Ask about every move that is still in doubt; a refused one runs here again."""
+        for tid, agent_id, url, kind in self._store.open_departures():
+            outcome = self._ask_abort(url, tid, agent_id, unsent=False)
+            if outcome is None:
+                continue
+            self._store.end_departure(tid, outcome)
+            self._emit("transfer-resolved", agent_id, data={"tid": tid, "outcome": outcome, "to": url})
+            if outcome == "refused" and kind != "clone" and agent_id not in self._live:
+                self._activate_quietly(agent_id, "recover")
+
+    # ==== arrivals (the target's side) =====================================================================
+    def receive_transfer(self, envelope: Any) -> str:
+        """Step 3 on this host: check the envelope, store the paglet under its tid, start it."""
+        env = _http_map(envelope, "tid", "kind", "agent_id", "agent_class", "epoch", "state", "source_url")
+        kind, tid = env["kind"], env["tid"]
+        if kind not in ("dispatch", "clone", "retract") or not isinstance(tid, str) or not _AGENT_ID.fullmatch(tid):
+            raise SerializationError("bad transfer kind or id")
+        agent_id = _check_agent_id(env["agent_id"])
+        cls = _resolve_class(env["agent_class"], "paglet", self.config.allow_modules)
+        state, epoch, source = env["state"], env["epoch"], _normalize_url(str(env["source_url"]))
+        if not isinstance(state, bytes) or type(epoch) is not int:
+            raise SerializationError("the envelope's state must be bytes and its epoch an integer")
+        _cbor_check(state)
+        _wire_decode(_cbor_loads(state, untrusted=True), self.resolve)  # every class it names must be allowed here
+        meta = self._arrival_meta(env, agent_id, cls, source)
+        inactive = env.get("arrival_mode") == ArrivalMode.INACTIVE.value
+        row = _AgentRow(
+            agent_id, _qualified_name(cls), "inactive" if inactive else "arriving", state, 0,
+            DeactivationPolicy() if inactive else None, DeactivationRequest(reason="arrival", source="transfer") if inactive else None,
+            "arrival" if inactive else None, meta, epoch=epoch,
+        )  # fmt: skip
+        self._crash_point("before-accept")
+        outcome = self._store.accept_arrival(tid, row, source)
+        self._crash_point("after-accept")
+        if outcome == "accepted" and not inactive:
+            self._pool.submit(self._arrive_quietly, agent_id)
+        self._emit("transfer-" + outcome, agent_id, row.agent_class, data={"tid": tid, "from": source, "kind": kind})
+        return outcome
+
+    def _arrival_meta(self, env: dict[str, Any], agent_id: str, cls: type, source: str) -> dict[str, Any]:
+        given = env.get("meta") if isinstance(env.get("meta"), dict) else {}
+        subscriptions = [k for k in given.get("subscriptions", []) if isinstance(k, str)][:1000]
+        files = []
+        for item in given.get("files", [])[:1000]:
+            ref = PagletFileRef.from_wire({k: v for k, v in item.items() if k != "artifact_id"})
+            artifact = self._artifacts.ref(_check_agent_id(item.get("artifact_id")))
+            if artifact.sha256 != ref.sha256:
+                raise RequestError(f"file {ref.name!r} of {agent_id!r} has not arrived intact", 409)
+            files.append({**ref.to_wire(), "artifact_id": artifact.artifact_id})
+        if env["kind"] == "clone":
+            event: PagletEvent = CloneEvent(
+                agent_id, self.name, self.address, source_agent_id=str(env.get("source_agent_id", "")), clone_agent_id=agent_id,
+                source_host_name=str(env.get("source_name", "")), source_host_address=source,
+                target_host_name=self.name, target_host_address=self.address,
+            )  # fmt: skip
+        else:
+            event = MobilityEvent(
+                agent_id, self.name, self.address, source_host_name=str(env.get("source_name", "")), source_host_address=source,
+                target_host_name=self.name, target_host_address=self.address, reason=env["kind"],
+            )  # fmt: skip
+        step = "clone" if env["kind"] == "clone" else "arrival"
+        return {"subscriptions": subscriptions, "files": files, "arrival": {"step": step, "event": event.to_wire()}}
+
+    def abort_transfer(self, tid: str, agent_id: str, source: str) -> str:
+        """Step 5 on this host: "accepted" if the paglet arrived, else a durable refusal."""
+        if not _AGENT_ID.fullmatch(tid):
+            raise SerializationError("bad transfer id")
+        return self._store.abort_arrival(tid, _check_agent_id(agent_id), _normalize_url(source))
+
+    def _arrive(self, agent_id: str) -> _Live:
+        """Start a paglet that arrived: its files land first, then on_arrival / on_clone runs."""
+        with self._agent_lock(agent_id):
+            live = self._live.get(agent_id)
+            if live is not None:
+                return live
+            row = self._store.agent(agent_id)
+            if row is None or row.status != "arriving":
+                return self._activate(agent_id, "recover")
+            arrival = row.meta.pop("arrival", {})
+            row.meta["files"] = [self._land_file(agent_id, item) for item in row.meta.get("files", [])]
+            cls = _resolve_class(row.agent_class, "paglet", None)  # accepted into our own database: trusted
+            live = self._start(cls, agent_id, row.state, arrival.get("step", "arrival"), arrival.get("event"), row.meta, row.epoch)
+        self._emit("arrived", agent_id, row.agent_class)
+        return live
+
+    def _land_file(self, agent_id: str, item: dict[str, Any]) -> dict[str, Any]:
+        ref = PagletFileRef.from_wire({k: v for k, v in item.items() if k != "artifact_id"})
+        target = self._files.files_dir(agent_id) / ref.name
+        if "artifact_id" in item:
+            with contextlib.suppress(_NoSuchArtifact):  # landed before a crash: the file is there already
+                self._artifacts.save(item["artifact_id"], target)
+                self._artifacts.delete(item["artifact_id"])
+        return dataclasses.replace(ref, current_path=str(target), updated_at=time.time()).to_wire()
+
+    def _arrive_quietly(self, agent_id: str) -> None:
+        try:
+            self._arrive(agent_id)
+        except PagletError as exc:
+            _log.warning("arrival of %s failed: %s", agent_id, exc)
+            self._emit("arrival-failed", agent_id, error=str(exc))
+
+    # ==== artifacts ======================================================================================
+    def upload_artifact(self, path: Path | str, *, host_url: str | None = None, **meta: Any) -> ArtifactRef:
+        """Store a file as an artifact here (or, with host_url, on another host)."""
+        if host_url and not self.is_local_url(host_url):
+            return self.client.upload_artifact(path, host_url=self.mesh.resolve_url(host_url), **meta)
+        owner = meta.pop("owner_agent_id", "") or ""
+        return self._artifacts.put_file(path, owner=owner, **meta)
+
+    def download_artifact(self, ref: ArtifactRef, target: Path | str, move: bool = False) -> ArtifactRef:
+        """Copy an artifact into a file (from whichever host holds it), checking its SHA-256."""
+        if not self.is_local_url(ref.host_url):
+            return self.client.download_artifact(ref, target, move)
+        self._artifacts.save(ref.artifact_id, target)
+        if move:
+            self._artifacts.delete(ref.artifact_id)
+        return ref
+
+    def delete_artifact(self, ref: ArtifactRef) -> None:
+        """Delete an artifact on the host that holds it."""
+        if not self.is_local_url(ref.host_url):
+            self.client.delete_artifact(ref)
+            return
+        self._artifacts.delete(ref.artifact_id)
+
+    def list_artifacts(self) -> list[ArtifactRef]:
+        """Artifacts stored on this host."""
+        return self._artifacts.list()
 
     # ==== events, properties, mesh, services ===========================================================
     def _emit(self, kind: str, agent_id: str | None = None, class_name: str | None = None, *, message_id: str | None = None,
@@ -5759,14 +6397,15 @@ class Host:
 
     # ==== background work ==============================================================================
     def _recover(self) -> None:
-        """At start: paglets saved for restart, and paglets that were active when the host died."""
+        """At start: moves in doubt, paglets saved for restart, paglets active when the host died."""
+        self.resolve_transfers()
         jobs = [self._pool.submit(self._activate_quietly, agent_id, reason) for agent_id, reason in self._store.startup_activations()]
         for job in jobs:
             job.exception()
 
     def _activate_quietly(self, agent_id: str, reason: str) -> None:
         try:
-            self._activate(agent_id, reason)
+            self._arrive(agent_id) if reason == "arrival" else self._activate(agent_id, reason)
         except PagletError as exc:
             _log.warning("could not activate %s (%s): %s", agent_id, reason, exc)
             with contextlib.suppress(PagletError):
@@ -5796,7 +6435,11 @@ class Host:
                 if time.monotonic() - last_sweep >= self.config.housekeeping_interval:
                     last_sweep = time.monotonic()
                     self._store.expire_services()
+                    self._artifacts.expire()
                     self._store.checkpoint_wal()
+                    self._store.forget_transfers(time.time() - 7 * 86400)
+                    if self._store.open_departures():
+                        self.resolve_transfers()
             except PagletError as exc:
                 if not self._stopping.is_set():
                     _log.warning("housekeeping: %s", exc)
@@ -5887,6 +6530,52 @@ def _op_complete_dispose(host: Host, worker: _Worker, request: Any, state: Any, 
     host._emit("disposed", worker.agent_id, worker.agent_class)
 
 
+def _op_plan_move(kind: str) -> Callable[..., Any]:
+    """A paglet moves itself: the host checks the target and stops sending it messages meanwhile."""
+
+    def plan(host: Host, worker: _Worker, target: Any) -> Any:
+        live = _op_live(host, worker)
+        ticket = host._ticket(target) if target is not None else TransferTicket(host.address)
+        ref = host._target(ticket)
+        if kind == "clone":
+            event: PagletEvent = host._clone_event(worker.agent_id, _new_id(), ref)
+        else:
+            event = host._mobility_event(worker.agent_id, ref, "dispatch")
+        with worker.cond:
+            worker.holds += 1  # released by complete_* (or when the worker ends)
+        return {"ticket": ticket.to_wire(), "target": ref.to_wire(), "event": event.to_wire()}
+
+    return plan
+
+
+def _op_complete_move(kind: str) -> Callable[..., Any]:
+    def complete(host: Host, worker: _Worker, plan: Any, state: bytes, extra: Any) -> Any:
+        live = _op_live(host, worker)
+        ticket, target = TransferTicket.from_wire(plan["ticket"]), HostRef.from_wire(plan["target"])
+        try:
+            with host._agent_lock(worker.agent_id):
+                if kind == "clone":
+                    event = CloneEvent.from_wire(plan["event"])
+                    return host._place_clone(live, event.clone_agent_id, state, ticket, target, event).to_wire()
+                if target.url == host.address:
+                    return PagletProxyRef(host.address, worker.agent_id).to_wire()
+                host._handoff(live, state, ticket, target, "dispatch", worker.agent_id, live.epoch + 1, live.meta)
+                host._depart(live, target.url, ask=False)
+                return PagletProxyRef(target.url, worker.agent_id).to_wire()
+        finally:
+            with worker.cond:
+                worker.holds -= 1
+                send = worker._next_frame()
+            if send is not None:
+                worker._send(send)
+
+    return complete
+
+
+def _op_upload_artifact(host: Host, worker: _Worker, path: str, url: str | None, meta: Any) -> Any:
+    return host.upload_artifact(path, host_url=url, **_wire_decode(meta, host.resolve)).to_wire()
+
+
 #: Context calls a worker may make (REQ frames), each run on the host's context-call pool.
 _WORKER_OPS: dict[str, Callable[..., Any]] = {
     "send": _op_send,
@@ -5918,6 +6607,13 @@ _WORKER_OPS: dict[str, Callable[..., Any]] = {
     "log_error": _op_log_error,
     "complete_deactivate": _op_complete_deactivate,
     "complete_dispose": _op_complete_dispose,
+    "plan_dispatch": _op_plan_move("dispatch"),
+    "plan_clone": _op_plan_move("clone"),
+    "complete_dispatch": _op_complete_move("dispatch"),
+    "complete_clone": _op_complete_move("clone"),
+    "upload_artifact": _op_upload_artifact,
+    "download_artifact": lambda host, w, ref, target, move: host.download_artifact(ArtifactRef.from_wire(ref), target, move).to_wire(),
+    "delete_artifact": lambda host, w, ref: host.delete_artifact(ArtifactRef.from_wire(ref)),
 }
 
 
