@@ -177,6 +177,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import statistics
 import struct
 import subprocess
 import sys
@@ -6506,7 +6507,8 @@ def _op_snapshot(host: Host, worker: _Worker, state: bytes, version: int) -> Non
 
 
 def _op_live(host: Host, worker: _Worker) -> _Live:
-    live = host._live.get(worker.agent_id)
+    with host._agent_lock(worker.agent_id):  # a paglet that is still starting is published first
+        live = host._live.get(worker.agent_id)
     if live is None or live.worker is not worker:
         raise LifecycleError(f"paglet {worker.agent_id!r} is not active here")
     return live
@@ -6623,10 +6625,279 @@ _WORKER_OPS: dict[str, Callable[..., Any]] = {
 # Owns: paglets that ship with the runtime (server-info, the demo traveller).
 
 
+@dataclasses.dataclass
+class TravellerState(PagletState):
+    """Where the traveller goes, and where it has been (each hop with its time)."""
+
+    itinerary: ItineraryPlan = dataclasses.field(default_factory=ItineraryPlan)
+    hops: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    departed_at: float = 0.0
+
+
+class Traveller(ItineraryAgentMixin, Paglet[TravellerState]):
+    """Visits the hosts of its itinerary in order, timing each hop (``python paglets.py demo``)."""
+
+    State = TravellerState
+
+    def on_creation(self, event: CreationEvent) -> None:
+        """Starts its log where it is born."""
+        self.state.hops.append({"host": event.host_name, "from": None, "hop_ms": 0.0})
+
+    def on_dispatching(self, event: MobilityEvent) -> None:
+        """Notes the time it leaves."""
+        self.state.departed_at = time.time()
+
+    def on_arrival(self, event: MobilityEvent) -> None:
+        """Notes where it arrived and how long the hop took."""
+        hop_ms = round((time.time() - self.state.departed_at) * 1000, 2)
+        self.state.hops.append({"host": event.host_name, "from": event.source_host_name, "hop_ms": hop_ms})
+
+    def run(self) -> None:
+        """Goes on to the next destination (run() starts after every arrival)."""
+        self.go_to_next_destination()
+
+    def handle_message(self, message: Message) -> Any:
+        """"hops": the log; "done": whether the itinerary is complete."""
+        if message.kind == "hops":
+            return list(self.state.hops)
+        if message.kind == "done":
+            return self.state.itinerary.completed
+        return self.not_handled()
+
+
 # ==============================================================================
 # 20. Demo and bench
 # ==============================================================================
 # Owns: ``python paglets.py demo`` and ``python paglets.py bench`` (SPEC section 8).
+# The bench measures medians after a warm-up and prints each figure beside the floor measured in
+# the same run: a bare fork + socketpair round trip, and a bare loopback HTTP round trip through
+# the same server and client classes the hosts use.
+
+
+def _demo(out: Callable[[str], Any] = print, timeout: float = 30.0) -> int:
+    """Three hosts in this process; a Traveller visits beta, gamma and comes home to alpha."""
+    hosts = [Host(name).start_background() for name in ("alpha", "beta", "gamma")]
+    try:
+        for a, b in itertools.permutations(hosts, 2):
+            a.mesh.join(b.address)
+        out("hosts: " + ", ".join(f"{h.name} at {h.address}" for h in hosts))
+        plan = ItineraryPlan(destinations=["beta", "gamma", "alpha"])
+        started = time.perf_counter()
+        traveller = hosts[0].create(Traveller, TravellerState(itinerary=plan))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(PagletError):
+                if hosts[0].get_state(traveller.agent_id).itinerary.completed:
+                    break
+            time.sleep(0.02)  # polling the traveller's home host; a demo, not a test
+        else:
+            out(f"the traveller did not finish within {timeout} s")
+            return 1
+        for hop in hosts[0].get_state(traveller.agent_id).hops:
+            out(f"  {hop['from'] or 'born':>6} -> {hop['host']:<6} {hop['hop_ms']:8.2f} ms")
+        out(f"round trip of 3 hops in {(time.perf_counter() - started) * 1000:.1f} ms")
+        return 0
+    finally:
+        for host in hosts:
+            host.stop()
+
+
+@dataclasses.dataclass
+class _BenchState(PagletState):
+    blob: bytes = b""
+
+
+class _BenchPaglet(Paglet[_BenchState]):
+    """The benchmark's paglet: answers "ping" with the size of its state."""
+
+    State = _BenchState
+
+    def handle_message(self, message: Message) -> Any:
+        return len(self.state.blob) if message.kind == "ping" else self.not_handled()
+
+
+def _bench_median(run: Callable[[], Any], repeat: int, warmup: int = 3) -> float:
+    """Median seconds of ``run()`` over ``repeat`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _bench_floor_fork(repeat: int) -> tuple[float, float]:
+    """(fork + first reply, socketpair round trip): the physical floor of a worker, in seconds."""
+    starts, trips = [], []
+    for _ in range(max(5, repeat // 20)):
+        ours, theirs = socket.socketpair()
+        started = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:  # the floor's child: no locks, no imports, only the socket
+            ours.close()
+            while theirs.recv(64):
+                theirs.sendall(b"x")
+            os._exit(0)
+        theirs.close()
+        ours.sendall(b"x")
+        ours.recv(64)
+        starts.append(time.perf_counter() - started)
+        for _ in range(repeat // 5):
+            begin = time.perf_counter()
+            ours.sendall(b"x")
+            ours.recv(64)
+            trips.append(time.perf_counter() - begin)
+        ours.close()
+        os.waitpid(pid, 0)
+    return statistics.median(starts), statistics.median(trips)
+
+
+def _bench_floor_http(repeat: int) -> float:
+    """A loopback HTTP round trip through our server and client classes with a trivial app."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        start_response("200 OK", [("Content-Type", _CBOR_TYPE), ("Content-Length", "1")])
+        return [b"\xf6"]
+
+    server = _HttpServer("127.0.0.1", 0, app, HostConfig("floor"))
+    threading.Thread(target=server.serve_forever, args=(0.25,), daemon=True).start()
+    client = HostClient()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        return _bench_median(lambda: client.call("POST", url, "/echo", {"kind": "ping"}), repeat)
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
+
+
+def _bench_memory(host: Host, count: int) -> tuple[float, float]:
+    """Median USS and RSS (MiB) of ``count`` idle workers."""
+    proxies = [host.create(_BenchPaglet) for _ in range(count)]
+    uss, rss = [], []
+    for proxy in proxies:
+        live = host._live[proxy.agent_id]
+        uss.append((live.worker.uss() or 0) / 2**20)
+        rss.append(live.worker.figures().get("rss", 0) / 2**20)
+    for proxy in proxies:
+        proxy.dispose()
+    return statistics.median(uss), statistics.median(rss)
+
+
+def _bench_start(repeat: int) -> float:
+    """``python paglets.py serve`` from exec to the first /health 200, in seconds."""
+    times = []
+    for _ in range(repeat):
+        with tempfile.TemporaryDirectory() as folder:
+            started = time.perf_counter()
+            proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "serve", "--port", "0", "--data-dir", folder, "--log-level", "error"],
+                stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            try:
+                line = proc.stdout.readline() if proc.stdout else ""
+                url = line.rsplit(" ", 1)[-1].strip()
+                client = HostClient(timeout=5)
+                while True:
+                    with contextlib.suppress(PagletError, TimeoutError):
+                        client.health(url)
+                        break
+                times.append(time.perf_counter() - started)
+                client.close()
+            finally:
+                proc.terminate()
+                proc.wait(30)
+    return statistics.median(times)
+
+
+def _bench_scaling(host: Host, levels: Iterable[int]) -> list[dict[str, Any]]:
+    """How create time and memory grow with the number of idle paglets."""
+    rows, proxies = [], []
+    for level in levels:
+        times = []
+        while len(proxies) < level:
+            started = time.perf_counter()
+            proxies.append(host.create(_BenchPaglet))
+            times.append(time.perf_counter() - started)
+        uss = sum((host._live[p.agent_id].worker.uss() or 0) for p in proxies) / 2**20
+        host_rss = psutil.Process().memory_info().rss / 2**20
+        rows.append({"paglets": level, "create_ms": round(statistics.median(times) * 1000, 2) if times else None,
+                     "workers_uss_mib": round(uss, 1), "host_rss_mib": round(host_rss, 1)})  # fmt: skip
+    for proxy in proxies:
+        proxy.dispose()
+    return rows
+
+
+def _bench(quick: bool = False) -> dict[str, Any]:
+    """Every figure of SPEC section 8 on this machine (medians), with floors from the same run."""
+    n = 200 if quick else 2000
+    fork_start, fork_trip = _bench_floor_fork(n)  # before any host thread exists: forking is safe here
+    figures: dict[str, Any] = {"floor_fork_start_ms": fork_start * 1e3, "floor_fork_rt_us": fork_trip * 1e6}
+    figures["floor_http_rt_us"] = _bench_floor_http(n) * 1e6
+    with Host("bench-a") as a, Host("bench-b") as b:
+        figures["create_first_reply_ms"] = _bench_median(lambda: a.create(_BenchPaglet).send("ping"), 10 if quick else 50) * 1e3
+        proxy = a.create(_BenchPaglet)
+        figures["local_rt_us"] = _bench_median(lambda: proxy.send("ping"), n) * 1e6
+        batch = 200 if quick else 2000
+        started = time.perf_counter()
+        ReplySet(proxy.send_future("ping") for _ in range(batch)).wait_for_all_replies(60)
+        figures["local_throughput_per_s"] = batch / (time.perf_counter() - started)
+        remote = PagletProxy(a.address, proxy.agent_id, HostClient())
+        figures["remote_rt_us"] = _bench_median(lambda: remote.send("ping"), n // 2) * 1e6
+        for key, blob in (("dispatch_hop_ms", b""), ("dispatch_hop_1mib_ms", os.urandom(1 << 20))):
+            mover = [a.create(_BenchPaglet, _BenchState(blob))]
+
+            def hop() -> None:
+                mover[0] = mover[0].dispatch(b.address if mover[0].host_url == a.address else a.address)
+                mover[0].send("ping")
+
+            figures[key] = _bench_median(hop, 5 if quick else 20, warmup=2) * 1e3
+        sleeper = a.create(_BenchPaglet)
+
+        def nap() -> None:
+            sleeper.deactivate()
+            sleeper.activate()
+            sleeper.send("ping")
+
+        figures["deactivate_activate_ms"] = _bench_median(nap, 5 if quick else 30) * 1e3
+        figures["idle_uss_mib"], figures["idle_rss_mib"] = _bench_memory(a, 5 if quick else 20)
+        figures["scaling"] = _bench_scaling(a, (10, 50) if quick else (10, 100, 250, 500))
+    figures["host_start_health_ms"] = _bench_start(2 if quick else 5) * 1e3
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in figures.items()}
+
+
+#: (key, label, unit, SPEC target or None, floor key or None) of the figures bench prints.
+_BENCH_ROWS: tuple[tuple[str, str, str, float | None, str | None], ...] = (
+    ("create_first_reply_ms", "create + first reply", "ms", 5.0, "floor_fork_start_ms"),
+    ("local_rt_us", "local message round trip", "us", 150.0, "floor_fork_rt_us"),
+    ("local_throughput_per_s", "local messages per second (futures)", "/s", None, None),
+    ("remote_rt_us", "remote round trip (loopback HTTP)", "us", 600.0, "floor_http_rt_us"),
+    ("dispatch_hop_ms", "dispatch hop + first reply", "ms", 15.0, None),
+    ("dispatch_hop_1mib_ms", "dispatch hop, 1 MiB state", "ms", 40.0, None),
+    ("deactivate_activate_ms", "deactivate + activate + reply", "ms", 10.0, None),
+    ("idle_uss_mib", "idle paglet memory (USS)", "MiB", 3.0, None),
+    ("idle_rss_mib", "idle paglet memory (RSS)", "MiB", None, None),
+    ("host_start_health_ms", "host start to /health 200", "ms", 300.0, None),
+)
+
+
+def _bench_report(figures: dict[str, Any]) -> list[str]:
+    """The bench table: figure, ours, floor, ratio to the floor, SPEC target."""
+    lines = [f"{'figure':<38}{'ours':>12}{'floor':>12}{'ratio':>8}{'target':>10}"]
+    for key, label, unit, target, floor_key in _BENCH_ROWS:
+        ours, floor = figures.get(key), figures.get(floor_key) if floor_key else None
+        ratio = f"{ours / floor:.1f}x" if ours and floor else "-"
+        shown_floor = f"{floor:.1f}" if floor else "-"
+        aim = f"<= {target:g}" if target else "-"
+        lines.append(f"{label + ' (' + unit + ')':<38}{ours:>12.1f}{shown_floor:>12}{ratio:>8}{aim:>10}")
+    lines.append("")
+    lines.append(f"{'idle paglets':>12}{'create ms':>12}{'workers USS MiB':>18}{'host RSS MiB':>15}")
+    for row in figures.get("scaling", []):
+        lines.append(f"{row['paglets']:>12}{row['create_ms']:>12}{row['workers_uss_mib']:>18}{row['host_rss_mib']:>15}")
+    return lines
 
 
 # ==============================================================================
@@ -6758,6 +7029,20 @@ def _cli_services(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cli_demo(args: argparse.Namespace) -> int:
+    return _demo()
+
+
+def _cli_bench(args: argparse.Namespace) -> int:
+    figures = _bench(quick=args.quick)
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        print(f"paglets {__version__} bench on {sys.platform}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]} (medians)")
+        print("\n".join(_bench_report(figures)))
+    return 0
+
+
 def _cli_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paglets", description="paglets.py: a mobile-agent runtime in one file.")
     parser.add_argument("--version", action="version", version=f"paglets {__version__}")
@@ -6827,6 +7112,12 @@ def _cli_parser() -> argparse.ArgumentParser:
     sub.set_defaults(run=_cli_events)
     client_command("hosts", "list the hosts a host knows").set_defaults(run=_cli_hosts)
     client_command("services", "list a host's advertised services").set_defaults(run=_cli_services)
+    sub = commands.add_parser("demo", help="three hosts in this process; a traveller visits each", description="Three hosts in this process; a traveller visits each and prints its hops.")
+    sub.set_defaults(run=_cli_demo)
+    sub = commands.add_parser("bench", help="measure the figures of SPEC section 8 on this machine", description="Measure create, message, dispatch, memory and start-up figures (medians) beside the floors of the same run.")
+    sub.add_argument("--json", action="store_true", help="print one JSON object")
+    sub.add_argument("--quick", action="store_true", help="fewer repetitions")
+    sub.set_defaults(run=_cli_bench)
     return parser
 
 
