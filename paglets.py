@@ -121,6 +121,12 @@ __all__ = [
     "PagletProxy",
     "ReplySet",
     # 8. Service contracts
+    "CONTRACT_METADATA_KEY",
+    "EmptyPayload",
+    "ServiceContract",
+    "ServiceHandle",
+    "ServiceLease",
+    "ServiceOperation",
     # 9. The paglet model
     "NOT_HANDLED",
     "Paglet",
@@ -136,7 +142,14 @@ __all__ = [
     # 16. Mesh
     # 18. Host
     "Host",
+    "ResidentService",
     # 19. Built-in paglets
+    "SERVER_INFO_CONTRACT",
+    "ServerInfo",
+    "ServerInfoReply",
+    "ServerInfoRequest",
+    "Traveller",
+    "TravellerState",
     # 21. Command line
     "main",
 ]
@@ -148,6 +161,7 @@ __all__ = [
 # Each dependency has one home section: cbor2 in 5, apsw in 11, psutil in 15 and 19, bottle in 17.
 import argparse
 import base64
+import concurrent.futures
 import builtins
 import contextlib
 import dataclasses
@@ -182,9 +196,12 @@ import struct
 import subprocess
 import sys
 import tempfile
+import tomllib
 import threading
 import time
 import traceback
+import types
+import typing
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -1321,11 +1338,7 @@ class PagletProxyRef(_WireValue):
 
     def resolve(self, context_or_client: Any) -> PagletProxy:
         """A working proxy, through a ``PagletContext``, a ``Host`` or a ``HostClient``."""
-        if hasattr(context_or_client, "get_proxy"):
-            proxy = context_or_client.get_proxy(self.agent_id, host_url=self.host_url)
-            if proxy is not None:
-                return proxy  # type: ignore[no-any-return]
-        return PagletProxy(self.host_url, self.agent_id, getattr(context_or_client, "client", context_or_client))
+        return PagletProxy(self.host_url, self.agent_id, getattr(context_or_client, "transport", context_or_client))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1855,11 +1868,22 @@ class HostClient:
         """GET /agents?state=active|inactive|all."""
         return list(self.call("GET", url, f"/agents?state={urllib.parse.quote(state)}")["agents"])
 
-    def services(self, url: str, name: str | None = None, capability: str | None = None) -> list[ServiceRecord]:
-        """GET /services (this host's records only)."""
-        query = urllib.parse.urlencode({k: v for k, v in (("name", name), ("capability", capability)) if v})
-        tree = self.call("GET", url, "/services" + (f"?{query}" if query else ""))
+    def services(
+        self, url: str, name: str | None = None, capability: str | None = None, scope: str | None = None, *, timeout: float | None = None
+    ) -> list[ServiceRecord]:
+        """GET /services (that host's own records; scope="mesh" for those it shares with the mesh)."""
+        query = urllib.parse.urlencode({k: v for k, v in (("name", name), ("capability", capability), ("scope", scope)) if v})
+        tree = self.call("GET", url, "/services" + (f"?{query}" if query else ""), timeout=timeout)
         return [ServiceRecord.from_wire(item) for item in tree["services"]]
+
+    def lease_service(self, host_url: str, agent_id: str, ttl: float) -> tuple[str, float]:
+        """POST /services/leases: keep a provider running for ``ttl`` seconds."""
+        tree = self.call("POST", host_url, "/services/leases", {"agent_id": agent_id, "ttl": ttl})
+        return str(tree["lease_id"]), float(tree["expires_at"])
+
+    def release_lease(self, host_url: str, lease_id: str) -> None:
+        """POST /services/leases/<id>/release."""
+        self.call("POST", host_url, f"/services/leases/{_check_agent_id(lease_id)}/release", {})
 
     def create(self, url: str, agent_class: type | str, state: Any = None, *, init: Any = None, agent_id: str | None = None) -> PagletProxy:
         """POST /agents: create a paglet of a class the host allows."""
@@ -1925,7 +1949,249 @@ class HostClient:
 # ==============================================================================
 # 8. Service contracts
 # ==============================================================================
-# Owns: typed service contracts (filled in by the services work).
+# Owns: typed services: ServiceOperation (a named request dataclass -> reply dataclass),
+# ServiceContract (a versioned set of operations), ServiceHandle (a caller's typed view of one
+# advertised provider) and ServiceLease (keeps a lazy provider running).  Requests and replies
+# travel as maps of their fields, so a client in another language can call them too; both ends
+# check them against the dataclasses and name the field that does not fit.
+
+_Req = TypeVar("_Req")
+_Rep = TypeVar("_Rep")
+#: The metadata key under which an advertised service record carries its contract.
+CONTRACT_METADATA_KEY = "contract"
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EmptyPayload:
+    """The request or reply of an operation that carries nothing."""
+
+
+def _contract_hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # a hint that cannot be resolved is not checked
+            hints = {}
+        _HINTS[cls] = hints
+    return hints
+
+
+def _contract_check(value: Any, hint: Any, label: str) -> Any:
+    """Check (and for nested dataclasses, build) one field value against its type hint."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            with contextlib.suppress(ServiceContractError):
+                return _contract_check(value, option, label)
+        raise ServiceContractError(f"{label} must be {hint}, not {type(value).__name__}")
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else _contract_build(hint, value, label)
+    base = origin or hint
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(base, type) and (not isinstance(value, base) or (base is int and isinstance(value, bool))):
+        if base is tuple and isinstance(value, list):
+            value = tuple(value)
+        else:
+            raise ServiceContractError(f"{label} must be {getattr(hint, '__name__', hint)}, not {type(value).__name__}")
+    if base in (list, tuple, set, frozenset) and args and args[-1] is not Ellipsis and len(args) == 1:
+        return base(_contract_check(item, args[0], f"{label}[{i}]") for i, item in enumerate(value))
+    if base is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_contract_check(item, args[0], f"{label}[{i}]") for i, item in enumerate(value))
+    if base is dict and len(args) == 2:
+        return {_contract_check(k, args[0], f"{label}<key>"): _contract_check(v, args[1], f"{label}[{k!r}]") for k, v in value.items()}
+    return value
+
+
+def _contract_build(cls: type, payload: Any, label: str) -> Any:
+    """A request or reply dataclass from a map of its fields, every field checked."""
+    if not isinstance(payload, dict):
+        raise ServiceContractError(f"{label} must be a map of {cls.__name__} fields, not {type(payload).__name__}")
+    hints, names = _contract_hints(cls), {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(payload) - names)
+    if unknown:
+        raise ServiceContractError(f"{label}: unknown field {unknown[0]!r} for {cls.__name__}")
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        if field.name in payload:
+            kwargs[field.name] = _contract_check(payload[field.name], hints.get(field.name, Any), f"{label}.{field.name}")
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ServiceContractError(f"{label}: field {field.name!r} of {cls.__name__} is missing")
+    return cls(**kwargs)
+
+
+def _contract_fields(value: Any, cls: type, label: str) -> dict[str, Any]:
+    """The map of fields a request or reply travels as (checked against its dataclass)."""
+    if not isinstance(value, cls):
+        raise ServiceContractError(f"{label} must be a {cls.__name__}, not {type(value).__name__}")
+    fields = {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
+    _contract_build(cls, fields, label)  # type-check every field before it leaves
+    return fields
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServiceOperation(Generic[_Req, _Rep]):
+    """One typed operation: its name is the message kind, its request and reply are dataclasses."""
+
+    name: str
+    request_type: type = EmptyPayload
+    reply_type: type = EmptyPayload
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ServiceContractError("a service operation needs a name")
+        for label in ("request_type", "reply_type"):
+            if not (isinstance(getattr(self, label), type) and dataclasses.is_dataclass(getattr(self, label))):
+                raise ServiceContractError(f"{self.name}: {label} must be a dataclass")
+
+    def to_message(self, request: Any = None) -> Message:
+        """The message that calls this operation."""
+        request = self.request_type() if request is None else request
+        return Message(self.name, _contract_fields(request, self.request_type, f"{self.name} request"))
+
+    def decode_request(self, message: Message | dict[str, Any]) -> Any:
+        """The request dataclass of an incoming message, every field checked."""
+        args = message.args if isinstance(message, Message) else message
+        return _contract_build(self.request_type, args, f"{self.name} request")
+
+    def encode_reply(self, reply: Any = None) -> dict[str, Any]:
+        """The map a reply travels as."""
+        reply = self.reply_type() if reply is None else reply
+        return _contract_fields(reply, self.reply_type, f"{self.name} reply")
+
+    def decode_reply(self, payload: Any) -> Any:
+        """The reply dataclass, every field checked."""
+        if isinstance(payload, self.reply_type):
+            return payload
+        return _contract_build(self.reply_type, {} if payload is None else payload, f"{self.name} reply")
+
+    def schema(self) -> dict[str, str]:
+        """What the operation looks like in advertised metadata."""
+        return {"name": self.name, "request_type": _qualified_name(self.request_type), "reply_type": _qualified_name(self.reply_type)}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServiceContract:
+    """A named, versioned set of operations that a service provider implements."""
+
+    name: str
+    version: str = "1"
+    operations: tuple[ServiceOperation[Any, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.version, (tuple, list)):  # the published order: (name, operations, version)
+            ops, version = self.version, self.operations if isinstance(self.operations, str) else "1"
+            object.__setattr__(self, "version", version)
+            object.__setattr__(self, "operations", ops)
+        object.__setattr__(self, "operations", tuple(self.operations))
+        if not self.name or not str(self.version) or not self.operations:
+            raise ServiceContractError("a service contract needs a name, a version and at least one operation")
+        names = [op.name for op in self.operations if isinstance(op, ServiceOperation)]
+        if len(names) != len(self.operations) or len(set(names)) != len(names):
+            raise ServiceContractError(f"contract {self.name!r}: operations must be distinct ServiceOperations")
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        """The operation names (advertised as the record's capabilities)."""
+        return tuple(op.name for op in self.operations)
+
+    def operation_for(self, name: str) -> ServiceOperation[Any, Any] | None:
+        """The operation of that name, or None."""
+        return next((op for op in self.operations if op.name == name), None)
+
+    def require_operation(self, operation: ServiceOperation[Any, Any] | str) -> ServiceOperation[Any, Any]:
+        """The contract's own operation (ServiceContractError if it is not part of it)."""
+        name = operation if isinstance(operation, str) else operation.name
+        found = self.operation_for(name)
+        if found is None or (isinstance(operation, ServiceOperation) and found != operation):
+            raise ServiceContractError(f"{name!r} is not an operation of contract {self.name!r} {self.version}")
+        return found
+
+    def metadata(self) -> dict[str, Any]:
+        """What an advertised record carries under CONTRACT_METADATA_KEY."""
+        return {"name": self.name, "version": str(self.version), "operations": [op.schema() for op in self.operations]}
+
+    def matches_record(self, record: ServiceRecord, operation: ServiceOperation[Any, Any] | None = None) -> bool:
+        """Whether a record offers this contract: same name and version, and the operations needed."""
+        meta = record.metadata.get(CONTRACT_METADATA_KEY)
+        if record.name != self.name or not isinstance(meta, dict) or meta.get("version") != str(self.version):
+            return False
+        offered = {op.get("name"): op for op in meta.get("operations", []) if isinstance(op, dict)}
+        needed = [operation] if operation is not None else list(self.operations)
+        return all(offered.get(op.name) == op.schema() for op in needed)
+
+    def route(self, message: Message, handlers: Mapping[Any, Callable[[Any], Any]], default: Any = NotImplemented) -> Any:
+        """Provider side: decode the request, call its handler, check and encode the reply.
+
+        ``handlers`` maps operations (or their names) to functions; a kind that is not part of
+        the contract returns ``default`` if given, else raises ServiceContractError.
+        """
+        operation = self.operation_for(message.kind)
+        if operation is None:
+            if default is not NotImplemented:
+                return default
+            raise ServiceContractError(f"{message.kind!r} is not an operation of contract {self.name!r}")
+        handler = handlers.get(operation, handlers.get(operation.name))
+        if handler is None:
+            raise ServiceContractError(f"no handler for operation {operation.name!r}")
+        return operation.encode_reply(handler(operation.decode_request(message)))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServiceHandle:
+    """A caller's typed view of one provider of a contract."""
+
+    contract: ServiceContract
+    record: ServiceRecord
+    #: A PagletContext, Host or HostClient through which the provider is reached.
+    via: Any = None
+
+    def proxy(self) -> PagletProxy:
+        """The provider's proxy."""
+        assert self.record.proxy is not None
+        return self.record.proxy.resolve(self.via)
+
+    def call(self, operation: ServiceOperation[Any, Any] | str, request: Any = None, timeout: float | None = None) -> Any:
+        """Call an operation and get its reply dataclass (ServiceContractError if either does not fit)."""
+        op = self.contract.require_operation(operation)
+        return op.decode_reply(self.proxy().send(op.to_message(request), timeout=timeout))
+
+    def send_oneway(self, operation: ServiceOperation[Any, Any] | str, request: Any = None) -> None:
+        """Call an operation without waiting for a reply."""
+        op = self.contract.require_operation(operation)
+        self.proxy().send_oneway(op.to_message(request))
+
+
+class ServiceLease:
+    """Keeps a lazy provider running until released or expired; a context manager giving the handle."""
+
+    def __init__(self, handle: ServiceHandle, lease_id: str, expires_at: float, release: Callable[[], Any]) -> None:
+        self.handle, self.lease_id, self.expires_at = handle, lease_id, expires_at
+        self._release, self.released = release, False
+
+    @property
+    def expired(self) -> bool:
+        """Whether the lease ran out."""
+        return time.time() >= self.expires_at
+
+    def release(self) -> None:
+        """Let the provider idle out again (safe to call twice)."""
+        if not self.released:
+            self.released = True
+            with contextlib.suppress(PagletError):
+                self._release()
+
+    def __enter__(self) -> ServiceHandle:
+        return self.handle
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
 
 
 # ==============================================================================
@@ -2045,6 +2311,10 @@ class _HostPort(_Transport, Protocol):
     def download_artifact(self, ref: ArtifactRef, target: Path | str, move: bool = False) -> ArtifactRef: ...
 
     def delete_artifact(self, ref: ArtifactRef) -> None: ...
+
+    def lease_service(self, host_url: str, agent_id: str, ttl: float) -> tuple[str, float]: ...
+
+    def release_lease(self, host_url: str, lease_id: str) -> None: ...
 
 
 class ResourceRegistry:
@@ -2174,6 +2444,11 @@ class PagletContext:
         return owner
 
     @property
+    def transport(self) -> _HostPort:
+        """What proxies made through this context talk through."""
+        return self._host
+
+    @property
     def name(self) -> str:
         """The host's name."""
         return self._host.name
@@ -2289,6 +2564,52 @@ class PagletContext:
         records = self.lookup_services(name, capability, scope)
         return records[0].proxy if records else None
 
+    def advertise_contract(
+        self, contract: ServiceContract, scope: ServiceScope = ServiceScope.LOCAL, ttl: float | None = None,
+        metadata: dict[str, Any] | None = None, agent_id: str | None = None,
+    ) -> ServiceRecord:  # fmt: skip
+        """Advertise a typed contract (its operations become the record's capabilities)."""
+        meta = dict(metadata or {})
+        if CONTRACT_METADATA_KEY in meta:
+            raise ServiceContractError(f"metadata key {CONTRACT_METADATA_KEY!r} is reserved for the contract")
+        meta[CONTRACT_METADATA_KEY] = contract.metadata()
+        return self.advertise_service(contract.name, contract.capabilities, meta, scope, ttl, agent_id)
+
+    def lookup_contracts(
+        self, contract: ServiceContract, operation: ServiceOperation[Any, Any] | None = None, scope: ServiceScope = ServiceScope.LOCAL
+    ) -> list[ServiceHandle]:
+        """Handles of every provider of the contract (name, version and operations must match)."""
+        op = contract.require_operation(operation) if operation is not None else None
+        records = self.lookup_services(contract.name, op.name if op else None, scope)
+        return [ServiceHandle(contract, record, self) for record in records if contract.matches_record(record, op)]
+
+    def lookup_contract(
+        self, contract: ServiceContract, operation: ServiceOperation[Any, Any] | None = None, scope: ServiceScope = ServiceScope.LOCAL
+    ) -> ServiceHandle | None:
+        """A handle of the first provider, or None."""
+        handles = self.lookup_contracts(contract, operation, scope)
+        return handles[0] if handles else None
+
+    def require_contract(
+        self, contract: ServiceContract, operation: ServiceOperation[Any, Any] | None = None, scope: ServiceScope = ServiceScope.LOCAL
+    ) -> ServiceHandle:
+        """A handle of a provider; ServiceNotFoundError if there is none."""
+        handle = self.lookup_contract(contract, operation, scope)
+        if handle is None:
+            what = f" with operation {operation.name!r}" if operation is not None else ""
+            raise ServiceNotFoundError(f"no provider of contract {contract.name!r} {contract.version}{what} ({ServiceScope(scope).value})")
+        return handle
+
+    def lease_contract(
+        self, contract: ServiceContract, operation: ServiceOperation[Any, Any] | None = None,
+        scope: ServiceScope = ServiceScope.LOCAL, ttl: float = 60.0,
+    ) -> ServiceLease:  # fmt: skip
+        """A provider kept running for ``ttl`` seconds or until released (use it with ``with``)."""
+        handle = self.require_contract(contract, operation, scope)
+        url, agent_id = handle.record.host_url, handle.record.agent_id
+        lease_id, expires_at = self._host.lease_service(url, agent_id, ttl)
+        return ServiceLease(handle, lease_id, expires_at, lambda: self._host.release_lease(url, lease_id))
+
     # -- storage, files, artifacts ------------------------------------------------------------
     def work_dir(self, create: bool = True, agent_id: str | None = None) -> Path:
         """The paglet's scratch folder (cleared at host start, dispatch and dispose)."""
@@ -2352,6 +2673,8 @@ class Paglet(Generic[_StateT]):
     CHECKPOINT: ClassVar[str] = "lifecycle"
     #: Bytes of memory this paglet's worker may use (None: the host's limit).
     MEMORY_LIMIT: ClassVar[int | None] = None
+    #: The typed contract this class provides as a resident service (see ResidentService).
+    CONTRACT: ClassVar[ServiceContract | None] = None
     ACTIVE: ClassVar[int] = ACTIVE
     INACTIVE: ClassVar[int] = INACTIVE
 
@@ -2538,6 +2861,30 @@ class Paglet(Generic[_StateT]):
     ) -> list[ServiceRecord]:
         """Every provider of a service."""
         return self.context.lookup_services(name, capability, scope)
+
+    def advertise_contract(self, contract: ServiceContract, **options: Any) -> ServiceRecord:
+        """Advertise a typed contract this paglet provides (scope=, ttl=, metadata=)."""
+        return self.context.advertise_contract(contract, agent_id=self.agent_id, **options)
+
+    def lookup_contract(self, contract: ServiceContract, operation: ServiceOperation[Any, Any] | None = None,
+                        scope: ServiceScope = ServiceScope.LOCAL) -> ServiceHandle | None:  # fmt: skip
+        """A handle of the first provider of a contract."""
+        return self.context.lookup_contract(contract, operation, scope)
+
+    def lookup_contracts(self, contract: ServiceContract, operation: ServiceOperation[Any, Any] | None = None,
+                         scope: ServiceScope = ServiceScope.LOCAL) -> list[ServiceHandle]:  # fmt: skip
+        """Handles of every provider of a contract."""
+        return self.context.lookup_contracts(contract, operation, scope)
+
+    def require_contract(self, contract: ServiceContract, operation: ServiceOperation[Any, Any] | None = None,
+                         scope: ServiceScope = ServiceScope.LOCAL) -> ServiceHandle:  # fmt: skip
+        """A handle of a provider, or ServiceNotFoundError."""
+        return self.context.require_contract(contract, operation, scope)
+
+    def lease_contract(self, contract: ServiceContract, operation: ServiceOperation[Any, Any] | None = None,
+                       scope: ServiceScope = ServiceScope.LOCAL, ttl: float = 60.0) -> ServiceLease:  # fmt: skip
+        """Keep a provider running while you use it."""
+        return self.context.lease_contract(contract, operation, scope, ttl)
 
     def work_dir(self, create: bool = True) -> Path:
         """This paglet's scratch folder."""
@@ -3605,6 +3952,8 @@ class _Artifacts:
 # skip the line and run beside the current handler.
 
 _F_BOOT, _F_HOOK, _F_MSG, _F_PEEK, _F_EXIT, _F_REPLY, _F_REQ, _F_READY = range(1, 9)
+#: The exit status of a worker that ran out of memory under its limit.
+_EXIT_MEMORY = 70
 _FRAME_HEADER = struct.Struct(">I")
 _FRAME_MAX = 1 << 30
 
@@ -3914,6 +4263,8 @@ def _worker_handle(rt: _WorkerRuntime, call_id: int, wire: Any, oneway: bool, ch
         value = None if oneway else _wire_encode(reply, "reply")
     except _WorkerExit:
         value = None
+    except MemoryError:
+        os._exit(_EXIT_MEMORY)  # over the memory limit: the host reports the crash with that reason
     except BaseException as exc:
         ok, value = False, _frame_error(exc)
     if checkpoint:
@@ -4211,6 +4562,13 @@ class _WorkerStub:
     def delete_artifact(self, ref: ArtifactRef) -> None:
         self._rt.request("delete_artifact", ref.to_wire())
 
+    def lease_service(self, host_url: str, agent_id: str, ttl: float) -> tuple[str, float]:
+        lease_id, expires_at = self._rt.request("lease_service", host_url, agent_id, ttl)
+        return str(lease_id), float(expires_at)
+
+    def release_lease(self, host_url: str, lease_id: str) -> None:
+        self._rt.request("release_lease", host_url, lease_id)
+
 
 def _ticket_wire(target: Any) -> Any:
     return target.to_wire() if isinstance(target, TransferTicket) else target
@@ -4405,6 +4763,8 @@ class _ForkServer:
 def _describe_exit(status: int | None) -> str:
     if status is None:
         return "its worker process ended"
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == _EXIT_MEMORY:
+        return "it went over its memory limit"
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
@@ -4431,6 +4791,10 @@ class _Worker:
         self.buffer = _FrameBuffer()
         self.send_lock = threading.Lock()
         self.handled = 0
+        self.last_used = time.monotonic()
+        self.memory_limit: int | None = None
+        #: Why the host killed the worker (reported instead of the bare exit status).
+        self.kill_reason: str | None = None
 
     def _send(self, data: bytes) -> None:
         try:
@@ -4908,7 +5272,24 @@ def _route_events(host: Host, request: Any) -> tuple[int, Any]:
 
 def _route_services(host: Host, request: Any) -> tuple[int, Any]:
     name, capability = request.query.get("name") or None, request.query.get("capability") or None
-    return 200, {"services": [r.to_wire() for r in host.lookup_services(name, capability, ServiceScope.LOCAL)]}
+    scope = request.query.get("scope") or None
+    records = host.lookup_services(name, capability, ServiceScope.LOCAL)
+    if scope is not None:
+        records = [r for r in records if r.scope.value == scope]
+    return 200, {"services": [r.to_wire() for r in records]}
+
+
+def _route_lease(host: Host, request: Any) -> tuple[int, Any]:
+    body = _http_map(_http_decode(request, host.config.max_body_bytes), "agent_id", "ttl")
+    if type(body["ttl"]) not in (int, float):
+        raise SerializationError("ttl must be a number of seconds")
+    lease_id, expires_at = host.lease_service(host.address, _check_agent_id(body["agent_id"]), body["ttl"])
+    return 201, {"lease_id": lease_id, "expires_at": expires_at}
+
+
+def _route_lease_release(host: Host, request: Any, lease_id: str) -> tuple[int, Any]:
+    host.release_lease(host.address, _check_agent_id(lease_id))
+    return 200, {"released": True}
 
 
 def _route_agents(host: Host, request: Any) -> tuple[int, Any]:
@@ -5023,6 +5404,8 @@ _ROUTES: list[tuple[str, str, Callable[..., tuple[int, Any]], bool]] = [
     ("POST", "/hosts/join", _route_join, True),
     ("GET", "/events", _route_events, True),
     ("GET", "/services", _route_services, True),
+    ("POST", "/services/leases", _route_lease, True),
+    ("POST", "/services/leases/<lease_id>/release", _route_lease_release, True),
     ("GET", "/agents", _route_agents, True),
     ("POST", "/agents", _route_create, True),
     ("GET", "/agents/<agent_id>", _route_agent, True),
@@ -5251,6 +5634,31 @@ class _HttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 # lifecycle steps; messages take neither (a worker's own queue orders them).
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResidentService:
+    """A service paglet the host keeps: lazy (started on the first call, idles out) or eager.
+
+    Its service record is advertised at host start, so a lazy one is found before it runs.
+    """
+
+    #: The paglet class, or its ``module:Qualname``.
+    cls: type | str
+    agent_id: str
+    lifecycle: ResidentLifecycle = ResidentLifecycle.LAZY
+    scope: ServiceScope = ServiceScope.LOCAL
+    #: Seconds a lazy service may idle before it is deactivated (0: never).
+    idle_timeout: float = RESIDENT_IDLE_TIMEOUT
+    #: Initial state: an instance of the class's State, or a map of its fields.
+    state: Any = None
+    #: The contract to advertise (default: the class's CONTRACT); or a plain service name.
+    contract: ServiceContract | None = None
+    service: str | None = None
+
+
+#: Resident services every host runs unless told otherwise (section 19 adds server-info).
+_DEFAULT_RESIDENTS: list[ResidentService] = []
+
+
 @dataclasses.dataclass(slots=True)
 class _Live:
     """What the host keeps in memory for one active paglet."""
@@ -5284,6 +5692,7 @@ class Host:
         properties: Mapping[str, Any] | None = None,
         allow_modules: Iterable[str] | None = None,
         public_url: str | None = None,
+        resident_services: Iterable[ResidentService] | None = None,
         **knobs: Any,
     ) -> None:
         _ForkServer.shared()  # first of all: the process may still have a single thread
@@ -5292,7 +5701,8 @@ class Host:
         self.config = HostConfig(
             name=name, bind_host=host, port=port, data_dir=Path(data if data is not None else self._temp_dir),  # type: ignore[arg-type]
             api_key=api_key or None, peers=tuple(peers), mesh_version=mesh_version or "1", tags=tuple(tags),
-            properties=dict(properties or {}), allow_modules=tuple(allow_modules or ()), public_url=public_url, **knobs,
+            properties=dict(properties or {}), allow_modules=tuple(allow_modules or ()), public_url=public_url,
+            resident_services=tuple(_DEFAULT_RESIDENTS if resident_services is None else resident_services), **knobs,
         )  # fmt: skip
         self.name = name
         self.data_dir: Path = self.config.data_dir  # type: ignore[assignment]
@@ -5312,6 +5722,8 @@ class Host:
         self.mesh = MeshRegistry(self.config, self.client, self._store, self._self_ref)
         self._live: dict[str, _Live] = {}
         self._starting: dict[str, _Live] = {}
+        self._residents: dict[str, ResidentService] = {}
+        self._leases: dict[str, tuple[str, float]] = {}
         self._lock = threading.RLock()
         self._agent_locks: dict[str, threading.RLock] = {}
         self._listeners: list[Callable[[ContextEvent], Any]] = []
@@ -5346,6 +5758,8 @@ class Host:
         self._start_thread(self._housekeeping, "housekeeping")
         self._start_thread(self._gossip, "gossip")
         self._recover()
+        for spec in self.config.resident_services:
+            self._install_resident(spec)
         self._emit("host-started", data={"url": self.address})
         return self
 
@@ -5539,6 +5953,7 @@ class Host:
         ours, theirs = socket.socketpair()
         worker = _Worker(agent_id, _qualified_name(cls), ours)
         limit = getattr(cls, "MEMORY_LIMIT", None) or self.config.paglet_memory_limit
+        worker.memory_limit = limit
         boot = {
             "agent_id": agent_id, "agent_class": _qualified_name(cls), "state": state, "host_name": self.name,
             "host_address": self.address, "memory_limit": limit,
@@ -5610,7 +6025,7 @@ class Host:
             worker.lost(LifecycleError(f"paglet {worker.agent_id!r} left this host"))
             return
         status = _ForkServer.shared().exit_status(worker.pid, 0.5) if worker.pid else None
-        reason = getattr(worker, "kill_reason", None) or _describe_exit(status)
+        reason = worker.kill_reason or _describe_exit(status)
         error = PagletCrashedError(f"paglet {worker.agent_id!r} crashed: {reason}")
         with self._agent_lock(worker.agent_id):
             # Crashed in the database first, so a call that misses the worker does not restart it.
@@ -5790,6 +6205,7 @@ class Host:
             if live is None:
                 return None if oneway else {"queued": True, "message_id": message.message_id}
         checkpoint = live.cls.CHECKPOINT == "message"
+        live.worker.last_used = time.monotonic()
         future = live.worker.post(message.to_wire(), oneway, checkpoint)
         if oneway:
             if checkpoint:
@@ -5815,6 +6231,8 @@ class Host:
 
     def _wake_for(self, agent_id: str, row: _AgentRow | None, message: Message, oneway: bool) -> _Live | None:
         """A message for a paglet that is not running: activate it, queue the message, or refuse."""
+        if agent_id in self._residents and (row is None or row.status == "inactive"):
+            return self._wake_resident(agent_id)
         if row is None or row.status in ("departing", "gone"):
             raise InvalidAgentError(f"no paglet {agent_id!r} on {self.name}")
         if row.status == "crashed":
@@ -6358,9 +6776,117 @@ class Host:
 
     def lookup_services(self, name: str | None = None, capability: str | None = None,
                         scope: ServiceScope | str = ServiceScope.LOCAL) -> list[ServiceRecord]:  # fmt: skip
-        """Services by name and capability, on this host (LOCAL) or on every compatible host (MESH)."""
+        """Services by name and capability, on this host (LOCAL) or on every compatible host (MESH).
+
+        A mesh lookup asks every online compatible host at once and waits at most
+        ``mesh_lookup_timeout``; hosts that do not answer in time are left out.
+        """
         records = [r for r in self._store.services(name) if capability is None or capability in r.capabilities]
+        if ServiceScope(scope) is ServiceScope.LOCAL:
+            return records
+        peers = [h for h in self.mesh.hosts(online_only=True, include_self=False) if h.compatible]
+        timeout = self.config.mesh_lookup_timeout
+        asks = [self._pool.submit(self.client.services, h.url, name, capability, "mesh", timeout=timeout) for h in peers]
+        done, _ = concurrent.futures.wait(asks, timeout=timeout + 0.5)
+        seen = {(r.host_url, r.agent_id, r.name) for r in records}
+        for ask in done:
+            for record in ask.result() if ask.exception() is None else []:
+                if (record.host_url, record.agent_id, record.name) not in seen and record.scope is ServiceScope.MESH:
+                    seen.add((record.host_url, record.agent_id, record.name))
+                    records.append(record)
         return records
+
+    def lease_service(self, host_url: str, agent_id: str, ttl: float) -> tuple[str, float]:
+        """Keep a provider (here or elsewhere) running for ``ttl`` seconds; returns (lease id, expiry)."""
+        if not self.is_local_url(host_url):
+            return self.client.lease_service(host_url, agent_id, ttl)
+        if not 0 < float(ttl) <= 86400:
+            raise ServiceContractError("a lease lasts between 0 and 86400 seconds")
+        if agent_id in self._residents:
+            self._wake_resident(agent_id)
+        else:
+            self._require_live(agent_id, wake=True)
+        lease_id, expires_at = _new_id(), time.time() + float(ttl)
+        with self._lock:
+            self._leases[lease_id] = (agent_id, expires_at)
+        return lease_id, expires_at
+
+    def release_lease(self, host_url: str, lease_id: str) -> None:
+        """End a lease early."""
+        if not self.is_local_url(host_url):
+            self.client.release_lease(host_url, lease_id)
+            return
+        with self._lock:
+            self._leases.pop(lease_id, None)
+
+    def _leased(self, agent_id: str) -> bool:
+        now = time.time()
+        with self._lock:
+            for lease_id, (owner, expires_at) in list(self._leases.items()):
+                if expires_at <= now:
+                    del self._leases[lease_id]
+            return any(owner == agent_id for owner, _ in self._leases.values())
+
+    # ==== resident services ===============================================================================
+    def _install_resident(self, spec: ResidentService) -> None:
+        """Advertise a resident service now; start it now if eager."""
+        try:
+            cls = _resolve_class(spec.cls, "paglet", None) if isinstance(spec.cls, str) else spec.cls  # the operator's own config
+            self._check_paglet_class(cls)
+            contract = spec.contract or getattr(cls, "CONTRACT", None)
+            name = spec.service or (contract.name if contract else _qualified_name(cls))
+            metadata = {CONTRACT_METADATA_KEY: contract.metadata(), "resident": spec.lifecycle.value} if contract else {"resident": spec.lifecycle.value}
+            capabilities = contract.capabilities if contract else ()
+            self._store.put_service(ServiceRecord(name, spec.agent_id, self.address, capabilities, metadata, ServiceScope(spec.scope)))
+            self._residents[spec.agent_id] = dataclasses.replace(spec, cls=cls)
+            if ResidentLifecycle(spec.lifecycle) is ResidentLifecycle.EAGER:
+                self._wake_resident(spec.agent_id)
+        except PagletError as exc:
+            _log.warning("resident service %s not started: %s", spec.agent_id, exc)
+            self._emit("resident-failed", spec.agent_id, error=str(exc))
+
+    def _wake_resident(self, agent_id: str) -> _Live:
+        """A resident service's paglet, created on first use or activated after idling."""
+        spec = self._residents[agent_id]
+        with self._agent_lock(agent_id):
+            live = self._live.get(agent_id)
+            if live is not None:
+                return live
+            row = self._store.agent(agent_id)
+            if row is not None and row.status not in ("gone",):
+                return self._require_live(agent_id, wake=True)  # type: ignore[return-value]
+            cls = spec.cls
+            assert isinstance(cls, type)
+            state = spec.state
+            if isinstance(state, dict):
+                state = _wire_decode({"$dc": _qualified_name(cls.State), "$f": state}, _wire_resolver(None))  # type: ignore[attr-defined]
+            self.create(cls, state, agent_id=agent_id, init={"resident": True})
+            return self._live[agent_id]
+
+    def _idle_residents(self) -> None:
+        """Deactivate lazy resident services that idled past their timeout and hold no lease."""
+        now = time.monotonic()
+        for agent_id, spec in list(self._residents.items()):
+            live = self._live.get(agent_id)
+            if live is None or ResidentLifecycle(spec.lifecycle) is not ResidentLifecycle.LAZY or spec.idle_timeout <= 0:
+                continue
+            busy = not live.worker.ready or bool(live.worker.queue)
+            if busy or now - live.worker.last_used < spec.idle_timeout or self._leased(agent_id):
+                continue
+            policy = DeactivationPolicy(activate_on_message=True)
+            with contextlib.suppress(PagletError):
+                self.deactivate(agent_id, DeactivationRequest(reason="idle", source="host", policy=policy))
+
+    def _police_memory(self) -> None:
+        """End workers whose RSS went over their memory limit (the limit inside catches most sooner)."""
+        with self._lock:
+            lives = [live for live in self._live.values() if live.worker.memory_limit]
+        for live in lives:
+            rss = live.worker.figures().get("rss", 0)
+            limit = live.worker.memory_limit or 0
+            if rss > limit:
+                live.worker.kill_reason = f"its worker used {rss} bytes of memory, over its limit of {limit}"
+                live.worker.kill()
 
     def lookup_service(
         self, name: str, capability: str | None = None, scope: ServiceScope | str = ServiceScope.LOCAL
@@ -6441,6 +6967,8 @@ class Host:
                     self._store.forget_transfers(time.time() - 7 * 86400)
                     if self._store.open_departures():
                         self.resolve_transfers()
+                    self._idle_residents()
+                self._police_memory()
             except PagletError as exc:
                 if not self._stopping.is_set():
                     _log.warning("housekeeping: %s", exc)
@@ -6616,6 +7144,8 @@ _WORKER_OPS: dict[str, Callable[..., Any]] = {
     "upload_artifact": _op_upload_artifact,
     "download_artifact": lambda host, w, ref, target, move: host.download_artifact(ArtifactRef.from_wire(ref), target, move).to_wire(),
     "delete_artifact": lambda host, w, ref: host.delete_artifact(ArtifactRef.from_wire(ref)),
+    "lease_service": lambda host, w, url, agent_id, ttl: list(host.lease_service(url, agent_id, ttl)),
+    "release_lease": lambda host, w, url, lease_id: host.release_lease(url, lease_id),
 }
 
 
@@ -6623,6 +7153,68 @@ _WORKER_OPS: dict[str, Callable[..., Any]] = {
 # 19. Built-in paglets
 # ==============================================================================
 # Owns: paglets that ship with the runtime (server-info, the demo traveller).
+
+
+@dataclasses.dataclass
+class ServerInfoRequest:
+    """What to report: disk usage of these paths (default: the root file system)."""
+
+    paths: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ServerInfoReply:
+    """A host machine at a glance (from psutil)."""
+
+    host_name: str
+    host_url: str
+    platform: str
+    python: str
+    cpu_count: int
+    load_average: list[float]
+    memory_total: int
+    memory_available: int
+    memory_percent: float
+    disks: dict[str, dict[str, int]]
+    boot_time: float
+    uptime: float
+    active_paglets: int
+    inactive_paglets: int
+
+
+#: The typed contract of the built-in server-info service.
+SERVER_INFO_CONTRACT = ServiceContract("server-info", "1", (ServiceOperation("info", ServerInfoRequest, ServerInfoReply),))
+
+
+class ServerInfo(Paglet[PagletState]):
+    """Built-in resident service: load, CPUs, memory, disks, uptime and paglet counts of its host."""
+
+    CONTRACT = SERVER_INFO_CONTRACT
+
+    def handle_message(self, message: Message) -> Any:
+        """Answers the contract's "info" operation."""
+        return SERVER_INFO_CONTRACT.route(message, {"info": self.info}, default=self.not_handled())
+
+    def info(self, request: ServerInfoRequest) -> ServerInfoReply:
+        """The figures, measured now."""
+        memory = psutil.virtual_memory()
+        disks = {}
+        for path in request.paths or ["/"]:
+            with contextlib.suppress(OSError):
+                usage = psutil.disk_usage(path)
+                disks[path] = {"total": usage.total, "used": usage.used, "free": usage.free}
+        me = self.context.host_status(self.context.address)
+        boot = psutil.boot_time()
+        return ServerInfoReply(
+            host_name=self.context.name, host_url=self.context.address, platform=sys.platform,
+            python=sys.version.split()[0], cpu_count=psutil.cpu_count() or 1, load_average=[round(x, 2) for x in os.getloadavg()],
+            memory_total=memory.total, memory_available=memory.available, memory_percent=memory.percent, disks=disks,
+            boot_time=boot, uptime=round(time.time() - boot, 1), active_paglets=me.active_count if me else 0,
+            inactive_paglets=me.inactive_count if me else 0,
+        )  # fmt: skip
+
+
+_DEFAULT_RESIDENTS.append(ResidentService(ServerInfo, "service.server-info", ResidentLifecycle.LAZY, ServiceScope.MESH, 30.0))
 
 
 @dataclasses.dataclass
@@ -6949,9 +7541,10 @@ def _cli_serve(args: argparse.Namespace) -> int:
                 _log.warning("--allow %s: not importable now (%s)", module, exc)
     properties = dict(_cli_property(item) for item in args.property or [])
     data_dir = Path(args.data_dir) if args.data_dir else Path("paglets-data") / args.name
+    residents = [*_DEFAULT_RESIDENTS, *(_cli_launch_file(args.config) if args.config else [])]
     host = Host(
         args.name, args.host, args.port, data_dir=data_dir, api_key=api_key, peers=args.peer or [], mesh_version=args.mesh_version,
-        tags=args.tag or [], properties=properties, allow_modules=args.allow or [],
+        tags=args.tag or [], properties=properties, allow_modules=args.allow or [], resident_services=residents,
     )  # fmt: skip
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
@@ -7043,6 +7636,58 @@ def _cli_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cli_info(args: argparse.Namespace) -> int:
+    client = _cli_client(args)
+    records = [r for r in client.services(args.host_url, SERVER_INFO_CONTRACT.name) if SERVER_INFO_CONTRACT.matches_record(r)]
+    if not records:
+        raise ServiceNotFoundError(f"{args.host_url} offers no server-info service")
+    reply = ServiceHandle(SERVER_INFO_CONTRACT, records[0], client).call("info", ServerInfoRequest(list(args.path or [])))
+    if args.json:
+        print(_json_dumps(dataclasses.asdict(reply)).decode("utf-8"))
+        return 0
+    mib = 2**20
+    print(f"{reply.host_name} at {reply.host_url}: {reply.platform}, Python {reply.python}, {reply.cpu_count} CPUs")
+    print(f"load {' '.join(map(str, reply.load_average))}; memory {reply.memory_available // mib} of {reply.memory_total // mib} MiB free")
+    for path, usage in reply.disks.items():
+        print(f"disk {path}: {usage['free'] // mib} of {usage['total'] // mib} MiB free")
+    print(f"up {reply.uptime / 3600:.1f} h; paglets: {reply.active_paglets} active, {reply.inactive_paglets} inactive")
+    return 0
+
+
+def _cli_launch_file(path: str) -> list[ResidentService]:
+    """Resident services of a TOML launch file; a bad one is a one-line error naming entry and field."""
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise _CliError(f"{path}: {exc}") from exc
+    entries = data.get("resident_services", [])
+    if not isinstance(entries, list):
+        raise _CliError(f"{path}: resident_services must be an array of tables ([[resident_services]])")
+    specs = []
+    for index, entry in enumerate(entries):
+        where = f"{path}: resident_services[{index}]"
+        if not isinstance(entry, dict) or not entry.get("enabled", True):
+            continue
+        unknown = set(entry) - {"class", "agent_id", "lifecycle", "scope", "idle_timeout", "state", "service", "enabled", "singleton"}
+        if unknown:
+            raise _CliError(f"{where}: unknown field {sorted(unknown)[0]!r}")
+        for field in ("class", "agent_id"):
+            if not isinstance(entry.get(field), str) or not entry[field]:
+                raise _CliError(f"{where}.{field}: required, a string")
+        try:
+            _check_agent_id(entry["agent_id"])
+            cls = _resolve_class(entry["class"], "paglet", ("*",))
+            specs.append(ResidentService(
+                cls, entry["agent_id"], ResidentLifecycle(entry.get("lifecycle", "lazy")), ServiceScope(entry.get("scope", "local")),
+                float(entry.get("idle_timeout", RESIDENT_IDLE_TIMEOUT)), entry.get("state"), None, entry.get("service"),
+            ))  # fmt: skip
+        except (PagletError, ValueError, TypeError) as exc:
+            field = next((f for f in ("lifecycle", "scope", "idle_timeout") if f in entry and str(entry[f]) in str(exc)), "class")
+            raise _CliError(f"{where}.{field}: {exc}") from exc
+    return specs
+
+
 def _cli_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paglets", description="paglets.py: a mobile-agent runtime in one file.")
     parser.add_argument("--version", action="version", version=f"paglets {__version__}")
@@ -7076,6 +7721,7 @@ def _cli_parser() -> argparse.ArgumentParser:
     serve.add_argument("--path", action="append", metavar="DIR", help="folder to import agent modules from (repeatable)")
     serve.add_argument("--api-key-env", default=ENV_API_KEY, help="environment variable holding the API key (default %(default)s)")
     serve.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without an API key (trusted LAN only)")
+    serve.add_argument("--config", metavar="FILE", help="TOML launch file with [[resident_services]] entries")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(default %(default)s)")
     serve.set_defaults(run=_cli_serve)
 
@@ -7112,6 +7758,9 @@ def _cli_parser() -> argparse.ArgumentParser:
     sub.set_defaults(run=_cli_events)
     client_command("hosts", "list the hosts a host knows").set_defaults(run=_cli_hosts)
     client_command("services", "list a host's advertised services").set_defaults(run=_cli_services)
+    sub = client_command("info", "print the host machine's figures (the server-info service)")
+    sub.add_argument("--path", action="append", help="also report disk usage of this path (repeatable)")
+    sub.set_defaults(run=_cli_info)
     sub = commands.add_parser("demo", help="three hosts in this process; a traveller visits each", description="Three hosts in this process; a traveller visits each and prints its hops.")
     sub.set_defaults(run=_cli_demo)
     sub = commands.add_parser("bench", help="measure the figures of SPEC section 8 on this machine", description="Measure create, message, dispatch, memory and start-up figures (medians) beside the floors of the same run.")
@@ -7131,7 +7780,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"paglets: {exc}", file=sys.stderr)
         return 2
     except (PagletError, TimeoutError, OSError) as exc:
-        print(f"paglets: {type(exc).__name__}: {exc}", file=sys.stderr)
+        kind = next(c.__name__ for c in type(exc).__mro__ if not c.__name__.startswith("_"))
+        print(f"paglets: {kind}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
