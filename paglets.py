@@ -161,8 +161,8 @@ __all__ = [
 # Each dependency has one home section: cbor2 in 5, apsw in 11, psutil in 15 and 19, bottle in 17.
 import argparse
 import base64
-import concurrent.futures
 import builtins
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -196,9 +196,9 @@ import struct
 import subprocess
 import sys
 import tempfile
-import tomllib
 import threading
 import time
+import tomllib
 import traceback
 import types
 import typing
@@ -841,7 +841,7 @@ def _wire_decode_dataclass(tree: dict[str, Any], resolve: Callable[[str, str], t
     given = tree.get("$f", {})
     if not isinstance(given, dict):
         raise SerializationError(f"fields of {tree['$dc']!r} must be a map")
-    obj = cls.__new__(cls)
+    obj: Any = object.__new__(cls)
     for field in dataclasses.fields(cls):
         if field.name in given:
             value = _wire_decode(given[field.name], resolve, depth + 1)
@@ -1567,7 +1567,10 @@ class _Transport(Protocol):
 
     def is_local_url(self, host_url: str) -> bool: ...
 
-    def upload_artifact(self, path: Path | str, *, host_url: str | None = None, **meta: Any) -> ArtifactRef: ...
+    def upload_artifact(
+        self, path: Path | str, *, host_url: str | None = None, name: str | None = None, owner_agent_id: str = "",
+        expires_at: float | None = None, compression: str = "", sha256: str | None = None,
+    ) -> ArtifactRef: ...  # fmt: skip
 
 
 class PagletProxy:
@@ -2030,7 +2033,7 @@ def _contract_fields(value: Any, cls: type, label: str) -> dict[str, Any]:
     """The map of fields a request or reply travels as (checked against its dataclass)."""
     if not isinstance(value, cls):
         raise ServiceContractError(f"{label} must be a {cls.__name__}, not {type(value).__name__}")
-    fields = {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
+    fields = {field.name: getattr(value, field.name) for field in dataclasses.fields(cls)}
     _contract_build(cls, fields, label)  # type-check every field before it leaves
     return fields
 
@@ -4615,11 +4618,11 @@ def _zygote_serve(ctl: socket.socket, forked: bool) -> None:
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         gc.freeze()  # forked workers then share the zygote's objects instead of copying them on GC
         while True:
-            readable, _, _ = select.select([ctl, wake_r], [], [])
+            readable, _, _ = select.select([ctl.fileno(), wake_r], [], [])
             if wake_r in readable:
                 os.read(wake_r, 4096)
                 _zygote_reap(ctl, children)
-            if ctl in readable and not _zygote_request(ctl, children, (wake_r, wake_w)):
+            if ctl.fileno() in readable and not _zygote_request(ctl, children, (wake_r, wake_w)):
                 return
     finally:
         for pid in children:
@@ -5301,7 +5304,7 @@ def _route_agents(host: Host, request: Any) -> tuple[int, Any]:
 
 def _route_create(host: Host, request: Any) -> tuple[int, Any]:
     body = _http_map(_http_decode(request, host.config.max_body_bytes), "agent_class")
-    cls = _resolve_class(body["agent_class"], "paglet", host.config.allow_modules)
+    cls: Any = _resolve_class(body["agent_class"], "paglet", host.config.allow_modules)
     state = body.get("state")
     if isinstance(state, dict) and not any(key.startswith("$") for key in state):
         state = {"$dc": _qualified_name(cls.State), "$f": state}  # a plain map holds the State's fields
@@ -5398,7 +5401,7 @@ def _route_transfer_abort(host: Host, request: Any, tid: str) -> tuple[int, Any]
 
 
 #: The remote API: (method, path, handler, needs auth).
-_ROUTES: list[tuple[str, str, Callable[..., tuple[int, Any]], bool]] = [
+_ROUTES: list[tuple[str, str, Callable[..., Any], bool]] = [
     ("GET", "/health", _route_health, False),
     ("GET", "/hosts", _route_hosts, True),
     ("POST", "/hosts/join", _route_join, True),
@@ -5418,7 +5421,8 @@ _ROUTES: list[tuple[str, str, Callable[..., tuple[int, Any]], bool]] = [
     ("GET", "/artifacts/<artifact_id>", _route_artifact, True),
     ("DELETE", "/artifacts/<artifact_id>", _route_artifact_delete, True),
     ("GET", "/artifacts/<artifact_id>/metadata", _route_artifact_metadata, True),
-] + [
+]
+_ROUTES += [
     ("POST", f"/agents/<agent_id>/{op}", _route_agent_op(op), True)
     for op in ("dispatch", "clone", "retract", "deactivate", "activate", "dispose")
 ]
@@ -5503,7 +5507,7 @@ class _HttpHandler(http.server.BaseHTTPRequestHandler):
 
     def _environ(self) -> dict[str, Any]:
         path, _, query = self.path.partition("?")
-        environ = {
+        environ: dict[str, Any] = {
             "REQUEST_METHOD": self.command,
             "SCRIPT_NAME": "",
             "PATH_INFO": urllib.parse.unquote(path, "latin-1"),
@@ -5664,7 +5668,7 @@ class _Live:
     """What the host keeps in memory for one active paglet."""
 
     worker: _Worker
-    cls: type
+    cls: type[Paglet[Any]]
     meta: dict[str, Any]
     epoch: int = 0
     leaving: bool = False
@@ -5941,7 +5945,7 @@ class Host:
         with self._lock:
             return self._agent_locks.setdefault(agent_id, threading.RLock())
 
-    def _spawn(self, cls: type, agent_id: str, state: bytes | None) -> _Worker:
+    def _spawn(self, cls: type[Paglet[Any]], agent_id: str, state: bytes | None) -> _Worker:
         """Start a worker for a paglet and build the paglet in it (no hook has run yet)."""
         forks = _ForkServer.shared()
         if not forks.forked and cls.__module__ == "__main__":
@@ -5949,7 +5953,7 @@ class Host:
                 f"{cls.__qualname__} is defined in __main__, which workers of this host cannot import: the first "
                 "Host was created after other threads started. Move the class into a module, or create the Host earlier."
             )
-        modules = {c.__module__ for c in (cls, type(cls.State))} - {"paglets", "__main__", "builtins"}
+        modules = {c.__module__ for c in (cls, cls.State)} - {"paglets", "__main__", "builtins"}
         ours, theirs = socket.socketpair()
         worker = _Worker(agent_id, _qualified_name(cls), ours)
         limit = getattr(cls, "MEMORY_LIMIT", None) or self.config.paglet_memory_limit
@@ -6467,12 +6471,12 @@ class Host:
         meta: dict[str, Any],
     ) -> None:  # fmt: skip
         files = [self._upload_file(item, target.url, agent_id) for item in meta.get("files", [])]
+        tid = _new_id()
         envelope = {
-            "tid": _new_id(), "kind": kind, "agent_id": agent_id, "agent_class": live.worker.agent_class, "epoch": epoch,
+            "tid": tid, "kind": kind, "agent_id": agent_id, "agent_class": live.worker.agent_class, "epoch": epoch,
             "source_agent_id": live.worker.agent_id, "source_name": self.name, "source_url": self.address,
             "arrival_mode": ticket.arrival_mode.value, "meta": {**meta, "files": files}, "state": state,
         }  # fmt: skip
-        tid = envelope["tid"]
         self._crash_point("before-begin")
         self._store.begin_departure(tid, agent_id, target.url, epoch, state, kind)
         outcome, error, unsent = self._send_envelope(target.url, envelope, ticket)
@@ -6598,7 +6602,7 @@ class Host:
         return outcome
 
     def _arrival_meta(self, env: dict[str, Any], agent_id: str, cls: type, source: str) -> dict[str, Any]:
-        given = env.get("meta") if isinstance(env.get("meta"), dict) else {}
+        given: dict[str, Any] = env["meta"] if isinstance(env.get("meta"), dict) else {}
         subscriptions = [k for k in given.get("subscriptions", []) if isinstance(k, str)][:1000]
         files = []
         for item in given.get("files", [])[:1000]:
@@ -6822,7 +6826,7 @@ class Host:
     def _leased(self, agent_id: str) -> bool:
         now = time.time()
         with self._lock:
-            for lease_id, (owner, expires_at) in list(self._leases.items()):
+            for lease_id, (_, expires_at) in list(self._leases.items()):
                 if expires_at <= now:
                     del self._leases[lease_id]
             return any(owner == agent_id for owner, _ in self._leases.values())
@@ -7064,7 +7068,7 @@ def _op_plan_move(kind: str) -> Callable[..., Any]:
     """A paglet moves itself: the host checks the target and stops sending it messages meanwhile."""
 
     def plan(host: Host, worker: _Worker, target: Any) -> Any:
-        live = _op_live(host, worker)
+        _op_live(host, worker)  # it must be running here
         ticket = host._ticket(target) if target is not None else TransferTicket(host.address)
         ref = host._target(ticket)
         if kind == "clone":
@@ -7407,7 +7411,8 @@ def _bench_start(repeat: int) -> float:
 
 def _bench_scaling(host: Host, levels: Iterable[int]) -> list[dict[str, Any]]:
     """How create time and memory grow with the number of idle paglets."""
-    rows, proxies = [], []
+    rows: list[dict[str, Any]] = []
+    proxies: list[PagletProxy] = []
     for level in levels:
         times = []
         while len(proxies) < level:
@@ -7421,6 +7426,17 @@ def _bench_scaling(host: Host, levels: Iterable[int]) -> list[dict[str, Any]]:
     for proxy in proxies:
         proxy.dispose()
     return rows
+
+
+def _bench_hopper(a: Host, b: Host, blob: bytes) -> Callable[[], None]:
+    """A hop between two hosts and the first reply on arrival, as one timed step."""
+    mover = [a.create(_BenchPaglet, _BenchState(blob))]
+
+    def hop() -> None:
+        mover[0] = mover[0].dispatch(b.address if mover[0].host_url == a.address else a.address)
+        mover[0].send("ping")
+
+    return hop
 
 
 def _bench(quick: bool = False) -> dict[str, Any]:
@@ -7440,13 +7456,7 @@ def _bench(quick: bool = False) -> dict[str, Any]:
         remote = PagletProxy(a.address, proxy.agent_id, HostClient())
         figures["remote_rt_us"] = _bench_median(lambda: remote.send("ping"), n // 2) * 1e6
         for key, blob in (("dispatch_hop_ms", b""), ("dispatch_hop_1mib_ms", os.urandom(1 << 20))):
-            mover = [a.create(_BenchPaglet, _BenchState(blob))]
-
-            def hop() -> None:
-                mover[0] = mover[0].dispatch(b.address if mover[0].host_url == a.address else a.address)
-                mover[0].send("ping")
-
-            figures[key] = _bench_median(hop, 5 if quick else 20, warmup=2) * 1e3
+            figures[key] = _bench_median(_bench_hopper(a, b, blob), 5 if quick else 20, warmup=2) * 1e3
         sleeper = a.create(_BenchPaglet)
 
         def nap() -> None:
