@@ -2293,7 +2293,10 @@ class _HostPort(_Transport, Protocol):
 
     def notify_message(self, agent_id: str, everyone: bool = False) -> None: ...
 
-    def advertise_service(self, agent_id: str, name: str, **options: Any) -> ServiceRecord: ...
+    def advertise_service(
+        self, agent_id: str, name: str, capabilities: Iterable[str] = (), metadata: dict[str, Any] | None = None,
+        scope: ServiceScope | str = ServiceScope.LOCAL, ttl: float | None = None,
+    ) -> ServiceRecord: ...  # fmt: skip
 
     def unadvertise_service(self, agent_id: str, name: str) -> list[ServiceRecord]: ...
 
@@ -3495,9 +3498,14 @@ class _Store:
         found = self.rows("SELECT seq, message, oneway FROM queue WHERE agent_id=? ORDER BY seq LIMIT ?", (agent_id, limit))
         return [(r[0], bytes(r[1]), bool(r[2])) for r in found]
 
-    def dequeue(self, seq: int) -> None:
-        """Drop a queued message once it was delivered."""
+    def dequeue(self, seq: int, agent_id: str, state: bytes | None, version: int) -> None:
+        """Drop a queued message once it was handled, with the checkpoint it produced, in one commit."""
         with self.write(durable=True) as conn:
+            if state is not None:
+                conn.execute(
+                    "UPDATE agents SET state=?, state_version=?, updated_at=? WHERE agent_id=? AND state_version<?",
+                    (state, version, time.time(), agent_id, version),
+                )
             conn.execute("DELETE FROM queue WHERE seq=?", (seq,))
 
     def queue_length(self, agent_id: str) -> int:
@@ -3510,7 +3518,7 @@ class _Store:
         with self.write() as conn:
             conn.execute("INSERT INTO events (body) VALUES (?)", (_cbor_dumps(body),))
             event_id = conn.last_insert_rowid()
-            if event_id % 100 == 0:
+            if event_id % max(1, min(100, self.event_capacity // 10)) == 0:
                 conn.execute("DELETE FROM events WHERE event_id<=?", (event_id - self.event_capacity,))
         return int(event_id)
 
@@ -4336,7 +4344,7 @@ def _step_hook(hook: str, event_cls: type[PagletEvent]) -> Callable[[_WorkerRunt
 
 
 def _step_deactivating(rt: _WorkerRuntime, args: Any) -> Any:
-    """Ask the paglet for its policy (unless the request came from itself), then on_deactivating."""
+    """Ask the paglet for its policy (``deactivation_policy``, for every request), then on_deactivating."""
     assert rt.paglet is not None
     request = DeactivationRequest.from_wire(args)
     policy = rt.paglet.deactivation_policy(request)
@@ -4533,7 +4541,11 @@ class _WorkerStub:
     def notify_message(self, agent_id: str, everyone: bool = False) -> None:
         self._rt.mailbox.notify(everyone)
 
-    def advertise_service(self, agent_id: str, name: str, **options: Any) -> ServiceRecord:
+    def advertise_service(
+        self, agent_id: str, name: str, capabilities: Iterable[str] = (), metadata: dict[str, Any] | None = None,
+        scope: ServiceScope | str = ServiceScope.LOCAL, ttl: float | None = None,
+    ) -> ServiceRecord:  # fmt: skip
+        options = {"capabilities": list(capabilities), "metadata": metadata or {}, "scope": ServiceScope(scope).value, "ttl": ttl}
         return ServiceRecord.from_wire(self._rt.request("advertise_service", agent_id, name, _wire_encode(options, "options")))
 
     def unadvertise_service(self, agent_id: str, name: str) -> list[ServiceRecord]:
@@ -5981,8 +5993,15 @@ class Host:
             raise LifecycleError(f"cannot build {cls.__qualname__} in its worker: {type(error).__name__}: {error}") from error
         return worker
 
-    def _start(self, cls: type, agent_id: str, state: bytes | None, step: str, event: Any, meta: dict[str, Any], epoch: int) -> _Live:
-        """Spawn, run the arrival-type hook, store the checkpoint as active, then publish the worker."""
+    def _start(
+        self, cls: type[Paglet[Any]], agent_id: str, state: bytes | None, step: str, event: Any, meta: dict[str, Any], epoch: int,
+        before_publish: Callable[[_Live], Any] | None = None,
+    ) -> _Live:  # fmt: skip
+        """Spawn, run the arrival-type hook, store the checkpoint as active, then publish the worker.
+
+        ``before_publish`` runs before any other message can reach the worker (the durable queue
+        goes first, so nothing sent meanwhile overtakes it).
+        """
         worker = self._spawn(cls, agent_id, state)
         live = _Live(worker, cls, meta, epoch)
         with self._lock:
@@ -5991,6 +6010,8 @@ class Host:
             _, checkpoint = worker.step(step, event, self.config.hook_timeout)
             row = _AgentRow(agent_id, worker.agent_class, "active", checkpoint, 0, meta=live.meta, epoch=epoch)
             self._store.put_agent(row)
+            if before_publish is not None:
+                before_publish(live)
         except BaseException:
             worker.end(0.2)
             raise
@@ -6060,24 +6081,31 @@ class Host:
                 raise InvalidAgentError(f"no paglet {agent_id!r} on {self.name}")
             cls = _resolve_class(row.agent_class, "paglet", None)  # our own database names it: trusted
             event = PersistencyEvent(agent_id, self.name, self.address, reason=reason, request=row.request, policy=row.policy)
-            live = self._start(cls, agent_id, row.state, "activation", event.to_wire(), row.meta, row.epoch)
-            self._deliver_queued(agent_id, live)
+            live = self._start(cls, agent_id, row.state, "activation", event.to_wire(), row.meta, row.epoch, self._deliver_queued)
         self._emit("activated", agent_id, row.agent_class, data={"reason": reason})
         return live
 
-    def _deliver_queued(self, agent_id: str, live: _Live) -> None:
-        """Hand the durable queue to the new worker in order; a message leaves the queue once handled."""
+    def _deliver_queued(self, live: _Live) -> None:
+        """Hand the durable queue to the new worker in order.
+
+        A queued message was acknowledged as stored, so it leaves the queue only together with the
+        checkpoint of the state it produced (one transaction): a crash neither loses nor repeats it.
+        """
+        agent_id = live.worker.agent_id
         for seq, blob, oneway in self._store.queued(agent_id, limit=1_000_000):
-            future = live.worker.post(_cbor_loads(blob, untrusted=False), oneway, live.cls.CHECKPOINT == "message")
-            future.add_done_callback(functools.partial(self._dequeued, agent_id, seq))
+            future = live.worker.post(_cbor_loads(blob, untrusted=False), oneway, True)
+            future.add_done_callback(functools.partial(self._in_pool, self._dequeued, agent_id, seq))
+
+    def _in_pool(self, work: Callable[..., Any], *args: Any) -> None:
+        """Run a future's follow-up (database writes) on the pool, not on the hub thread that set it."""
+        with contextlib.suppress(RuntimeError):  # the host is stopping
+            self._pool.submit(work, *args)
 
     def _dequeued(self, agent_id: str, seq: int, future: Future[Any]) -> None:
         if future.exception() is None:
+            _, _, state = future.result()
             with contextlib.suppress(PagletError):
-                _, _, state = future.result()
-                if state is not None:
-                    self._store.checkpoint(agent_id, state[0], state[1])
-                self._store.dequeue(seq)
+                self._store.dequeue(seq, agent_id, *(state or (None, 0)))
 
     def deactivate(self, agent_id: str, request: DeactivationRequest | None = None) -> PagletProxy:
         """Store a paglet and end its worker; its policy (from ``deactivation_policy``) says what wakes it."""
@@ -6202,10 +6230,14 @@ class Host:
         """Deliver and return the reply as a wire tree (not decoded)."""
         live = self._live.get(agent_id)
         if live is None:
-            row = self._store.agent(_check_agent_id(agent_id))
-            if row is not None and row.status == "gone" and row.forward_url:
-                return self._forward(row.forward_url, agent_id, message.to_wire(), oneway, timeout)
-            live = self._wake_for(agent_id, row, message, oneway)
+            with self._agent_lock(_check_agent_id(agent_id)):  # against an activation handing over its queue
+                live = self._live.get(agent_id)
+                row = self._store.agent(agent_id) if live is None else None
+                forward = row.forward_url if row is not None and row.status == "gone" else None
+                if live is None and forward is None:
+                    live = self._wake_for(agent_id, row, message, oneway)
+            if forward:
+                return self._forward(forward, agent_id, message.to_wire(), oneway, timeout)
             if live is None:
                 return None if oneway else {"queued": True, "message_id": message.message_id}
         checkpoint = live.cls.CHECKPOINT == "message"
@@ -6213,7 +6245,7 @@ class Host:
         future = live.worker.post(message.to_wire(), oneway, checkpoint)
         if oneway:
             if checkpoint:
-                future.add_done_callback(functools.partial(self._checkpoint_done, agent_id))
+                future.add_done_callback(functools.partial(self._in_pool, self._checkpoint_done, agent_id))
             return None
         try:
             ok, value, state = future.result(timeout)
@@ -7151,6 +7183,12 @@ _WORKER_OPS: dict[str, Callable[..., Any]] = {
     "lease_service": lambda host, w, url, agent_id, ttl: list(host.lease_service(url, agent_id, ttl)),
     "release_lease": lambda host, w, url, lease_id: host.release_lease(url, lease_id),
 }
+
+
+if typing.TYPE_CHECKING:  # mypy proves that a Host and a worker's stub both serve as a paglet's host
+    _HOST_IS_A_PORT: _HostPort = typing.cast(Host, None)
+    _STUB_IS_A_PORT: _HostPort = typing.cast(_WorkerStub, None)
+    _CLIENT_IS_A_TRANSPORT: _Transport = typing.cast(HostClient, None)
 
 
 # ==============================================================================
