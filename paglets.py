@@ -3498,15 +3498,15 @@ class _Store:
         found = self.rows("SELECT seq, message, oneway FROM queue WHERE agent_id=? ORDER BY seq LIMIT ?", (agent_id, limit))
         return [(r[0], bytes(r[1]), bool(r[2])) for r in found]
 
-    def dequeue(self, seq: int, agent_id: str, state: bytes | None, version: int) -> None:
-        """Drop a queued message once it was handled, with the checkpoint it produced, in one commit."""
+    def dequeue(self, seqs: list[int], agent_id: str, state: bytes | None, version: int) -> None:
+        """Drop handled queued messages together with the checkpoint they produced, in one commit."""
         with self.write(durable=True) as conn:
             if state is not None:
                 conn.execute(
                     "UPDATE agents SET state=?, state_version=?, updated_at=? WHERE agent_id=? AND state_version<?",
                     (state, version, time.time(), agent_id, version),
                 )
-            conn.execute("DELETE FROM queue WHERE seq=?", (seq,))
+            conn.executemany("DELETE FROM queue WHERE seq=?", [(seq,) for seq in seqs])
 
     def queue_length(self, agent_id: str) -> int:
         """How many messages wait for a paglet."""
@@ -5684,6 +5684,9 @@ class _Live:
     meta: dict[str, Any]
     epoch: int = 0
     leaving: bool = False
+    #: Durably queued messages handled but not yet dropped from the queue, in handling order.
+    handled: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
+    draining: bool = False
 
 
 class Host:
@@ -6094,18 +6097,38 @@ class Host:
         agent_id = live.worker.agent_id
         for seq, blob, oneway in self._store.queued(agent_id, limit=1_000_000):
             future = live.worker.post(_cbor_loads(blob, untrusted=False), oneway, True)
-            future.add_done_callback(functools.partial(self._in_pool, self._dequeued, agent_id, seq))
+            future.add_done_callback(functools.partial(self._dequeued, live, seq))
 
     def _in_pool(self, work: Callable[..., Any], *args: Any) -> None:
         """Run a future's follow-up (database writes) on the pool, not on the hub thread that set it."""
         with contextlib.suppress(RuntimeError):  # the host is stopping
             self._pool.submit(work, *args)
 
-    def _dequeued(self, agent_id: str, seq: int, future: Future[Any]) -> None:
-        if future.exception() is None:
-            _, _, state = future.result()
+    def _dequeued(self, live: _Live, seq: int, future: Future[Any]) -> None:
+        """On the hub thread, in handling order: note the message; one drain at a time writes them."""
+        if future.exception() is not None:
+            return
+        with self._lock:
+            live.handled.append((seq, future.result()[2]))
+            start, live.draining = not live.draining, True
+        if start:
+            self._in_pool(self._drain_handled, live)
+
+    def _drain_handled(self, live: _Live) -> None:
+        """Drop handled messages from the queue with the newest checkpoint, batch by batch, in order.
+
+        The checkpoint after a message includes every message handled before it, so a batch is
+        dropped together with the last checkpoint in it, in one transaction.
+        """
+        while True:
+            with self._lock:
+                batch, live.handled = live.handled, []
+                if not batch:
+                    live.draining = False
+                    return
+            states = [state for _, state in batch if state is not None]
             with contextlib.suppress(PagletError):
-                self._store.dequeue(seq, agent_id, *(state or (None, 0)))
+                self._store.dequeue([seq for seq, _ in batch], live.worker.agent_id, *(states[-1] if states else (None, 0)))
 
     def deactivate(self, agent_id: str, request: DeactivationRequest | None = None) -> PagletProxy:
         """Store a paglet and end its worker; its policy (from ``deactivation_policy``) says what wakes it."""
