@@ -61,6 +61,26 @@ __version__ = "0.1.0"
 __all__ = [
     # 2. Constants and configuration
     "ACTIVE",
+    "ARTIFACT_CHUNK_BYTES",
+    "ARTIFACT_QUOTA_BYTES",
+    "CALL_TIMEOUT",
+    "CONTEXT_THREADS",
+    "DEFAULT_PORT",
+    "ENV_API_KEY",
+    "ENV_CRASH_AT",
+    "ENV_TEST_MODE",
+    "EVENT_LOG_CAPACITY",
+    "GOSSIP_INTERVAL",
+    "HOOK_TIMEOUT",
+    "HOUSEKEEPING_INTERVAL",
+    "KEEPALIVE_TIMEOUT",
+    "MAX_BODY_BYTES",
+    "MAX_CONNECTIONS",
+    "MESH_LOOKUP_TIMEOUT",
+    "OFFLINE_AFTER",
+    "RESIDENT_IDLE_TIMEOUT",
+    "STOP_GRACE",
+    "STORAGE_QUOTA_BYTES",
     "EXECUTE_ON_ARRIVAL",
     "EXECUTE_ON_DEFAULT",
     "EXECUTE_ON_DISPATCH",
@@ -132,7 +152,9 @@ __all__ = [
     "Paglet",
     "PagletContext",
     "PagletState",
+    "PersistentStorage",
     "ResourceRegistry",
+    "StorageStatus",
     "state_locked",
     # 10. Itineraries
     "ItineraryAgentMixin",
@@ -140,6 +162,7 @@ __all__ = [
     "ItineraryTask",
     "TaskItineraryPlan",
     # 16. Mesh
+    "MeshRegistry",
     # 18. Host
     "Host",
     "ResidentService",
@@ -372,7 +395,8 @@ class PagletError(Exception):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _ERRORS[cls.__name__] = cls
+        if cls.__module__ == PagletError.__module__:  # an app's own subclass must not take over a wire kind
+            _ERRORS[cls.__name__] = cls
 
 
 _ERRORS: dict[str, type[PagletError]] = {"PagletError": PagletError}
@@ -477,6 +501,9 @@ class _HandlerError(PagletError):
 
     http_status = 422
 
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
 
 #: Builtin exceptions a handler may raise that come back as themselves (not as _HandlerError).
 _BUILTIN_ERRORS: dict[str, type[BaseException]] = {
@@ -487,7 +514,8 @@ _BUILTIN_ERRORS: dict[str, type[BaseException]] = {
 def _error_to_wire(exc: BaseException, *, with_traceback: bool = False) -> dict[str, Any]:
     """The JSON/CBOR error body of SPEC section 6: ``{"error": kind, "message": ...}``."""
     cls = type(exc)
-    body: dict[str, Any] = {"error": cls.__name__, "message": str(exc)}
+    only = exc.args[0] if len(exc.args) == 1 and isinstance(exc.args[0], str) else None
+    body: dict[str, Any] = {"error": cls.__name__, "message": str(exc) if only is None else only}
     if not isinstance(exc, PagletError) or cls.__module__ != __name__:
         body["exception"] = f"{cls.__module__}:{cls.__qualname__}"
     if isinstance(exc, _HandlerError) and getattr(exc, "remote_exception", None):
@@ -518,7 +546,8 @@ def _error_from_wire(body: Any, *, default: type[PagletError] = RemoteHostError)
     kind, message = body["error"], str(body.get("message", ""))
     qualified = body.get("exception")
     if kind in _ERRORS and not qualified:
-        return _ERRORS[kind](message)
+        with contextlib.suppress(Exception):
+            return _ERRORS[kind](message)
     cls = _error_class_for(qualified) if isinstance(qualified, str) else None
     exc: BaseException | None = None
     if cls is not None:
@@ -615,7 +644,7 @@ def _resolve_class(name: Any, kind: str, allow: Iterable[str] | None) -> type:
     ``paglets``, of a module already imported, or of an allowed module, and only if the class
     found is registered under exactly that name.  Nothing is imported unless allowed.
     """
-    registry = _PAGLET_CLASSES if kind == "paglet" else _STATE_CLASSES
+    registry: dict[str, type] = {"paglet": _PAGLET_CLASSES, "state": _STATE_CLASSES}.get(kind, {})
     if isinstance(name, str) and name in registry:
         return _current_class(registry[name], name)
     if not isinstance(name, str) or len(name) > 200 or not _CLASS_NAME.fullmatch(name):
@@ -722,8 +751,28 @@ def _save_stream(chunks: Iterable[bytes], target: Path, ref: Any) -> Any:
 # CBOR from the network.  The only user of cbor2.  No pickle, and no CBOR tags: special values
 # travel as one-key maps whose key starts with "$" (user dicts with such keys travel as "$map").
 
-_WIRE_MAX_DEPTH = 64
+#: Nesting the encoder produces, counted in CBOR containers ("$" forms take two or three); the
+#: check of bytes from the network allows more, so envelopes around a value still pass.
+_WIRE_MAX_DEPTH = 48
 _CBOR_MAX_DEPTH = 64
+#: Ints beyond this travel as hex text; much bigger ones are refused (a few KiB of digits).
+_WIRE_MAX_INT_BITS = 16_000
+
+
+def _wire_nest(depth: int, levels: int, path: str) -> int:
+    """The depth of a value's children, refusing nesting the decoder would refuse."""
+    depth += levels
+    if depth > _WIRE_MAX_DEPTH:
+        raise SerializationError(f"cannot carry {path}: nested deeper than {_WIRE_MAX_DEPTH} levels")
+    return depth
+
+
+def _wire_int(value: int, path: str) -> Any:
+    if -(2**63) <= value < 2**64:
+        return value
+    if value.bit_length() > _WIRE_MAX_INT_BITS:
+        raise SerializationError(f"cannot carry {path}: an int of {value.bit_length()} bits (at most {_WIRE_MAX_INT_BITS})")
+    return {"$int": hex(value)}
 
 
 def _wire_encode(value: Any, path: str = "value", depth: int = 0) -> Any:
@@ -732,11 +781,10 @@ def _wire_encode(value: Any, path: str = "value", depth: int = 0) -> Any:
     if value is None or kind is str or kind is bool or kind is float or kind is bytes:
         return value
     if kind is int:
-        return value if -(2**63) <= value < 2**64 else {"$int": str(value)}
-    if depth > _WIRE_MAX_DEPTH:
-        raise SerializationError(f"cannot carry {path}: nested deeper than {_WIRE_MAX_DEPTH}")
+        return _wire_int(value, path)
     if kind is list:
-        return [_wire_encode(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
+        inner = _wire_nest(depth, 1, path)
+        return [_wire_encode(item, f"{path}[{i}]", inner) for i, item in enumerate(value)]
     if kind is dict:
         return _wire_encode_dict(value, path, depth)
     encoder = _WIRE_ENCODERS.get(kind)
@@ -745,7 +793,7 @@ def _wire_encode(value: Any, path: str = "value", depth: int = 0) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _wire_encode_dataclass(value, path, depth)
     if isinstance(value, enum.Enum):
-        return {"$enum": _qualified_name(kind), "$v": _wire_encode(value.value, path, depth + 1)}
+        return {"$enum": _qualified_name(kind), "$v": _wire_encode(value.value, path, _wire_nest(depth, 1, path))}
     for base, encoder in _WIRE_ENCODERS.items():
         if isinstance(value, base):
             return encoder(value, path, depth)
@@ -764,27 +812,25 @@ def _wire_hint(value: Any) -> str:
 
 def _wire_encode_dict(value: dict[Any, Any], path: str, depth: int) -> Any:
     if all(type(key) is str and not key.startswith("$") for key in value):
-        return {key: _wire_encode(item, f"{path}.{key}", depth + 1) for key, item in value.items()}
-    return {
-        "$map": [
-            [_wire_encode(key, f"{path}<key>", depth + 1), _wire_encode(item, f"{path}[{key!r}]", depth + 1)] for key, item in value.items()
-        ]
-    }
+        inner = _wire_nest(depth, 1, path)
+        return {key: _wire_encode(item, f"{path}.{key}", inner) for key, item in value.items()}
+    inner = _wire_nest(depth, 3, path)  # {"$map": [[key, value], ...]}
+    return {"$map": [[_wire_encode(k, f"{path}<key>", inner), _wire_encode(v, f"{path}[{k!r}]", inner)] for k, v in value.items()]}
 
 
 def _wire_encode_dataclass(value: Any, path: str, depth: int) -> Any:
     cls = type(value)
     if "<locals>" in cls.__qualname__:
         raise SerializationError(f"cannot carry {path}: {cls.__qualname__} is defined inside a function")
-    fields = {
-        field.name: _wire_encode(getattr(value, field.name), f"{path}.{field.name}", depth + 1) for field in dataclasses.fields(value)
-    }
+    inner = _wire_nest(depth, 2, path)  # {"$dc": name, "$f": {fields}}
+    fields = {field.name: _wire_encode(getattr(value, field.name), f"{path}.{field.name}", inner) for field in dataclasses.fields(value)}
     return {"$dc": _qualified_name(cls), "$f": fields}
 
 
 def _wire_seq(tag: str) -> Callable[[Any, str, int], Any]:
     def encode(value: Any, path: str, depth: int) -> Any:
-        return {tag: [_wire_encode(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]}
+        inner = _wire_nest(depth, 2, path)  # {tag: [items]}
+        return {tag: [_wire_encode(item, f"{path}[{i}]", inner) for i, item in enumerate(value)]}
 
     return encode
 
@@ -813,8 +859,8 @@ def _wire_decode(tree: Any, resolve: Callable[[str, str], type], depth: int = 0)
     kind = type(tree)
     if tree is None or kind is str or kind is int or kind is bool or kind is float or kind is bytes:
         return tree
-    if depth > _WIRE_MAX_DEPTH:
-        raise SerializationError(f"wire value nested deeper than {_WIRE_MAX_DEPTH}")
+    if depth > _CBOR_MAX_DEPTH:
+        raise SerializationError(f"wire value nested deeper than {_CBOR_MAX_DEPTH}")
     if kind is list:
         return [_wire_decode(item, resolve, depth + 1) for item in tree]
     if kind is not dict:
@@ -825,7 +871,7 @@ def _wire_decode(tree: Any, resolve: Callable[[str, str], type], depth: int = 0)
             raise SerializationError(f"unknown wire marker {key[:40]!r}")
         try:
             return decoder(tree, resolve, depth + 1)
-        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+        except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as exc:
             raise SerializationError(f"malformed {key} value: {exc}") from exc
     return {_wire_key(k): _wire_decode(v, resolve, depth + 1) for k, v in tree.items()}
 
@@ -876,6 +922,13 @@ def _wire_decode_enum(tree: dict[str, Any], resolve: Callable[[str, str], type],
     return resolve(tree["$enum"], "enum")(_wire_decode(tree["$v"], resolve, depth + 1))
 
 
+def _wire_bytes(tree: dict[str, Any]) -> bytes:
+    (value,) = tree.values()
+    if type(value) is not bytes:
+        raise TypeError("expected bytes")  # never bytearray(n) from a number someone sent
+    return value
+
+
 def _wire_str(tree: dict[str, Any]) -> str:
     (value,) = tree.values()
     if type(value) is not str or len(value) > 4096:
@@ -891,8 +944,9 @@ _WIRE_DECODERS: dict[str, Callable[[Any, Callable[[str, str], type], int], Any]]
     "$tuple": _wire_decode_seq(tuple),
     "$set": _wire_decode_seq(set),
     "$frozenset": _wire_decode_seq(frozenset),
-    "$bytearray": lambda t, r, d: bytearray(t["$bytearray"]),
-    "$int": lambda t, r, d: int(_wire_str(t)),
+    "$bytearray": lambda t, r, d: bytearray(_wire_bytes(t)),
+    "$int": lambda t, r, d: int(_wire_str(t), 16),
+    "$float": lambda t, r, d: float(_wire_str(t)),
     "$datetime": lambda t, r, d: datetime.datetime.fromisoformat(_wire_str(t)),
     "$date": lambda t, r, d: datetime.date.fromisoformat(_wire_str(t)),
     "$time": lambda t, r, d: datetime.time.fromisoformat(_wire_str(t)),
@@ -987,11 +1041,25 @@ def _json_default(value: Any) -> Any:
 
 
 def _json_dumps(tree: Any) -> bytes:
-    """JSON bytes of a wire tree; bytes travel as ``{"$bytes": base64}``."""
+    """Standard JSON bytes of a wire tree; bytes travel as ``{"$bytes": base64}``, NaN and
+    infinities as ``{"$float": "nan"}``."""
     try:
-        return json.dumps(tree, default=_json_default, separators=(",", ":")).encode("utf-8")
-    except (TypeError, ValueError) as exc:
+        try:
+            return json.dumps(tree, default=_json_default, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        except ValueError:  # a NaN or an infinity somewhere (rare): spell them out, then again
+            return json.dumps(_json_finite(tree), default=_json_default, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:
         raise SerializationError(f"cannot encode as JSON: {exc}") from exc
+
+
+def _json_finite(tree: Any) -> Any:
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return {"$float": str(tree)}
+    if isinstance(tree, list):
+        return [_json_finite(item) for item in tree]
+    if isinstance(tree, dict):
+        return {key: _json_finite(value) for key, value in tree.items()}
+    return tree
 
 
 def _json_bytes_hook(obj: dict[str, Any]) -> Any:
@@ -1042,7 +1110,10 @@ def _value_from_wire(cls: type, payload: Any, resolve: Callable[[str, str], type
             continue
         value = payload[field.name]
         if field.name in nested and value is not None:
-            value = _value_nested(nested[field.name], value)
+            try:
+                value = _value_nested(nested[field.name], value)
+            except (SerializationError, TypeError, ValueError, AttributeError) as exc:
+                raise SerializationError(f"{cls.__name__}.{field.name}: {exc}") from exc
         else:
             value = _wire_decode(value, resolve)
             if isinstance(value, list) and str(field.type).startswith("tuple"):
@@ -1162,7 +1233,7 @@ class Message:
             reply_to=payload.get("reply_to"),
             priority=payload.get("priority", NORMAL_PRIORITY),
             message_type=payload.get("message_type", SYNCHRONOUS),
-            timestamp=float(payload.get("timestamp") or time.time()),
+            timestamp=float(payload["timestamp"]) if payload.get("timestamp") is not None else time.time(),
             message_id=payload.get("message_id") or _new_id(),
         )
 
@@ -1176,7 +1247,8 @@ def _message_check_wire(payload: Any) -> None:
     priority = payload.get("priority", NORMAL_PRIORITY)
     if type(priority) is not int or not UNQUEUED_PRIORITY <= priority <= MAX_PRIORITY:
         raise SerializationError(f"Message.priority must be an integer from 0 to {MAX_PRIORITY}")
-    if payload.get("message_type", SYNCHRONOUS) not in (SYNCHRONOUS, FUTURE, ONEWAY):
+    message_type = payload.get("message_type", SYNCHRONOUS)
+    if type(message_type) is not int or message_type not in (SYNCHRONOUS, FUTURE, ONEWAY):
         raise SerializationError("Message.message_type must be 0, 1 or 2")
     for name in ("sender", "reply_to", "message_id"):
         value = payload.get(name)
@@ -1338,7 +1410,8 @@ class PagletProxyRef(_WireValue):
 
     def resolve(self, context_or_client: Any) -> PagletProxy:
         """A working proxy, through a ``PagletContext``, a ``Host`` or a ``HostClient``."""
-        return PagletProxy(self.host_url, self.agent_id, getattr(context_or_client, "transport", context_or_client))
+        transport = getattr(context_or_client, "transport", context_or_client)
+        return transport.proxy_for(self.host_url, self.agent_id)  # type: ignore[no-any-return]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1566,6 +1639,8 @@ class _Transport(Protocol):
     def agent_info(self, host_url: str, agent_id: str) -> dict[str, Any]: ...
 
     def is_local_url(self, host_url: str) -> bool: ...
+
+    def proxy_for(self, host_url: str, agent_id: str) -> PagletProxy: ...
 
     def upload_artifact(
         self, path: Path | str, *, host_url: str | None = None, name: str | None = None, owner_agent_id: str = "",
@@ -1816,6 +1891,10 @@ class HostClient:
     def is_local_url(self, host_url: str) -> bool:
         """A bare client is local to no host."""
         return False
+
+    def proxy_for(self, host_url: str, agent_id: str) -> PagletProxy:
+        """A proxy that talks through this client."""
+        return PagletProxy(host_url, agent_id, self)
 
     def send_message(self, host_url: str, agent_id: str, message: Message, *, oneway: bool = False, timeout: float | None = None) -> Any:
         """POST /agents/<id>/messages; returns the reply value."""
@@ -4401,6 +4480,9 @@ class _WorkerStub:
     def is_local_url(self, host_url: str) -> bool:
         return _normalize_url(host_url) == self.address
 
+    def proxy_for(self, host_url: str, agent_id: str) -> PagletProxy:
+        return PagletProxy(host_url, agent_id, self)
+
     def send_message(self, host_url: str, agent_id: str, message: Message, *, oneway: bool = False, timeout: float | None = None) -> Any:
         if (
             self._is_self(agent_id) and self.is_local_url(host_url) and not oneway
@@ -4773,6 +4855,11 @@ class _ForkServer:
         with self._cond:
             self._cond.wait_for(lambda: pid in self._exits or not self.alive, timeout)
             return self._exits.pop(pid, None)
+
+
+def _process_rss() -> int:
+    """RSS of this process in bytes (for the bench's figures)."""
+    return int(psutil.Process().memory_info().rss)
 
 
 def _describe_exit(status: int | None) -> str:
@@ -6356,6 +6443,10 @@ class Host:
         """Whether a URL names this host."""
         return _normalize_url(host_url) == self.address
 
+    def proxy_for(self, host_url: str, agent_id: str) -> PagletProxy:
+        """A proxy through this host (local paglets directly, remote ones over HTTP)."""
+        return PagletProxy(host_url, agent_id, self)
+
     def send_message(self, host_url: str, agent_id: str, message: Message, *, oneway: bool = False, timeout: float | None = None) -> Any:
         """Send to a paglet here or on another host; returns the decoded reply."""
         if self.is_local_url(host_url):
@@ -7481,7 +7572,7 @@ def _bench_scaling(host: Host, levels: Iterable[int]) -> list[dict[str, Any]]:
             proxies.append(host.create(_BenchPaglet))
             times.append(time.perf_counter() - started)
         uss = sum((host._live[p.agent_id].worker.uss() or 0) for p in proxies) / 2**20
-        host_rss = psutil.Process().memory_info().rss / 2**20
+        host_rss = _process_rss() / 2**20
         rows.append({"paglets": level, "create_ms": round(statistics.median(times) * 1000, 2) if times else None,
                      "workers_uss_mib": round(uss, 1), "host_rss_mib": round(host_rss, 1)})  # fmt: skip
     for proxy in proxies:
