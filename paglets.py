@@ -374,6 +374,8 @@ class HostConfig:
     #: Bytes of memory (RSS) one worker may use; None for no limit.
     paglet_memory_limit: int | None = None
     resident_services: tuple[Any, ...] = ()
+    #: Run the built-in resident services (server-info) besides ``resident_services``.
+    builtin_services: bool = True
     max_connections: int = MAX_CONNECTIONS
     keepalive_timeout: float = KEEPALIVE_TIMEOUT
     housekeeping_interval: float = HOUSEKEEPING_INTERVAL
@@ -4288,6 +4290,8 @@ class _WorkerRuntime:
             self.paglet.run()
         except _WorkerExit:
             pass
+        except MemoryError:
+            os._exit(_EXIT_MEMORY)
         except Exception as exc:
             with contextlib.suppress(Exception):
                 self.send(_F_REQ, 0, "log_error", ["run", _frame_error(exc)])
@@ -4325,6 +4329,8 @@ def _worker_hook(rt: _WorkerRuntime, frame: list[Any]) -> None:
         try:
             value = _WORKER_STEPS[step](rt, args)
             state = rt.state_blob()
+        except MemoryError:
+            os._exit(_EXIT_MEMORY)
         except BaseException as exc:
             ok, value = False, _frame_error(exc)
         rt.mailbox.leave()
@@ -5707,6 +5713,8 @@ class _HttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.address_family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
         self.app, self.keepalive_timeout = app, config.keepalive_timeout
         self._slots = threading.BoundedSemaphore(config.max_connections)
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
         super().__init__((bind_host, port), _HttpHandler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -5716,10 +5724,22 @@ class _HttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         super().process_request(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self._open_lock:
+                self._open.discard(request)
             self._slots.release()
+
+    def close_connections(self) -> None:
+        """End every kept-alive connection (a stopped host must not answer on old ones)."""
+        with self._open_lock:
+            connections = list(self._open)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         _log.debug("connection from %s ended with an error", client_address, exc_info=True)
@@ -5808,7 +5828,7 @@ class Host:
             name=name, bind_host=host, port=port, data_dir=Path(data if data is not None else self._temp_dir),  # type: ignore[arg-type]
             api_key=api_key or None, peers=tuple(peers), mesh_version=mesh_version or "1", tags=tuple(tags),
             properties=dict(properties or {}), allow_modules=tuple(allow_modules or ()), public_url=public_url,
-            resident_services=tuple(_DEFAULT_RESIDENTS if resident_services is None else resident_services), **knobs,
+            resident_services=tuple(resident_services or ()), **knobs,
         )  # fmt: skip
         self.name = name
         self.data_dir: Path = self.config.data_dir  # type: ignore[assignment]
@@ -5864,7 +5884,7 @@ class Host:
         self._start_thread(self._housekeeping, "housekeeping")
         self._start_thread(self._gossip, "gossip")
         self._recover()
-        for spec in self.config.resident_services:
+        for spec in [*(_DEFAULT_RESIDENTS if self.config.builtin_services else []), *self.config.resident_services]:
             self._install_resident(spec)
         self._emit("host-started", data={"url": self.address})
         return self
@@ -5893,6 +5913,7 @@ class Host:
         if self._running:
             self._server.shutdown()
         self._server.server_close()
+        self._server.close_connections()
         with self._lock:
             lives = list(self._live.values())
             self._live.clear()
@@ -6269,6 +6290,17 @@ class Host:
             if live is not None:
                 self._retire(live, 0.2)
 
+    def _check_known(self, agent_id: str) -> None:
+        """That a paglet lives here (starting, running, or stored), without waking or waiting for it.
+
+        Context calls made from a paglet's own hooks use this: its start holds its lock.
+        """
+        if agent_id in self._live or agent_id in self._starting:
+            return
+        row = self._store.agent(_check_agent_id(agent_id))
+        if row is None or row.status in ("gone", "departing"):
+            raise InvalidAgentError(f"no paglet {agent_id!r} on {self.name}")
+
     def _require_live(self, agent_id: str, inactive_ok: bool = False, wake: bool = False) -> _Live | None:
         """The running paglet; an inactive one is None (inactive_ok), started (wake) or an error."""
         live = self._live.get(agent_id)
@@ -6377,8 +6409,8 @@ class Host:
 
     def _wake_for(self, agent_id: str, row: _AgentRow | None, message: Message, oneway: bool) -> _Live | None:
         """A message for a paglet that is not running: activate it, queue the message, or refuse."""
-        if agent_id in self._residents and (row is None or row.status == "inactive"):
-            return self._wake_resident(agent_id)
+        if agent_id in self._residents and (row is None or row.status in ("inactive", "crashed")):
+            return self._wake_resident(agent_id, "message")
         if row is None or row.status in ("departing", "gone"):
             raise InvalidAgentError(f"no paglet {agent_id!r} on {self.name}")
         if row.status == "crashed":
@@ -6911,7 +6943,7 @@ class Host:
     def advertise_service(self, agent_id: str, name: str, capabilities: Iterable[str] = (), metadata: dict[str, Any] | None = None,
                           scope: ServiceScope | str = ServiceScope.LOCAL, ttl: float | None = None) -> ServiceRecord:  # fmt: skip
         """Advertise a service offered by a paglet of this host."""
-        self._require_live(agent_id, inactive_ok=True)
+        self._check_known(agent_id)
         record = ServiceRecord(
             name, agent_id, self.address, tuple(capabilities), dict(metadata or {}), ServiceScope(scope),
             None if ttl is None else time.time() + float(ttl),
@@ -6995,16 +7027,19 @@ class Host:
             _log.warning("resident service %s not started: %s", spec.agent_id, exc)
             self._emit("resident-failed", spec.agent_id, error=str(exc))
 
-    def _wake_resident(self, agent_id: str) -> _Live:
-        """A resident service's paglet, created on first use or activated after idling."""
+    def _wake_resident(self, agent_id: str, reason: str = "activate") -> _Live:
+        """A resident service's paglet: created on first use, activated after idling, restarted
+        from its last checkpoint after a crash (a resident service does not stay down)."""
         spec = self._residents[agent_id]
         with self._agent_lock(agent_id):
             live = self._live.get(agent_id)
             if live is not None:
                 return live
             row = self._store.agent(agent_id)
-            if row is not None and row.status not in ("gone",):
-                return self._require_live(agent_id, wake=True)  # type: ignore[return-value]
+            if row is not None and row.status == "arriving":
+                return self._arrive(agent_id)
+            if row is not None and row.status != "gone":
+                return self._activate(agent_id, "recover" if row.status in ("crashed", "active") else reason)
             cls = spec.cls
             assert isinstance(cls, type)
             state = spec.state
@@ -7124,11 +7159,13 @@ class Host:
                     _log.warning("housekeeping: %s", exc)
 
     def _gossip(self) -> None:
-        while not self._stopping.wait(0 if not self._threads else self.config.gossip_interval):
+        while not self._stopping.is_set():  # the first round at once: a new host joins its peers now
             try:
                 self.mesh.gossip_once()
             except PagletError as exc:
                 _log.debug("gossip: %s", exc)
+            if self._stopping.wait(self.config.gossip_interval):
+                return
 
     # ==== context calls of workers ========================================================================
     def _on_request(self, worker: _Worker, frame: list[Any]) -> None:
@@ -7703,7 +7740,7 @@ def _cli_serve(args: argparse.Namespace) -> int:
                 _log.warning("--allow %s: not importable now (%s)", module, exc)
     properties = dict(_cli_property(item) for item in args.property or [])
     data_dir = Path(args.data_dir) if args.data_dir else Path("paglets-data") / args.name
-    residents = [*_DEFAULT_RESIDENTS, *(_cli_launch_file(args.config) if args.config else [])]
+    residents = _cli_launch_file(args.config) if args.config else []
     host = Host(
         args.name, args.host, args.port, data_dir=data_dir, api_key=api_key, peers=args.peer or [], mesh_version=args.mesh_version,
         tags=args.tag or [], properties=properties, allow_modules=args.allow or [], resident_services=residents,
@@ -7826,28 +7863,58 @@ def _cli_launch_file(path: str) -> list[ResidentService]:
     entries = data.get("resident_services", [])
     if not isinstance(entries, list):
         raise _CliError(f"{path}: resident_services must be an array of tables ([[resident_services]])")
-    specs = []
-    for index, entry in enumerate(entries):
-        where = f"{path}: resident_services[{index}]"
-        if not isinstance(entry, dict) or not entry.get("enabled", True):
-            continue
-        unknown = set(entry) - {"class", "agent_id", "lifecycle", "scope", "idle_timeout", "state", "service", "enabled", "singleton"}
-        if unknown:
-            raise _CliError(f"{where}: unknown field {sorted(unknown)[0]!r}")
-        for field in ("class", "agent_id"):
-            if not isinstance(entry.get(field), str) or not entry[field]:
-                raise _CliError(f"{where}.{field}: required, a string")
+    return [spec for index, entry in enumerate(entries) if (spec := _cli_resident(entry, f"{path}: resident_services[{index}]"))]
+
+
+#: Fields of a [[resident_services]] entry and how each is checked.
+_CLI_RESIDENT_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "class": lambda v: _resolve_class(v, "paglet", ("*",)),
+    "agent_id": _check_agent_id,
+    "lifecycle": ResidentLifecycle,
+    "scope": ServiceScope,
+    "idle_timeout": lambda v: float(v) if type(v) in (int, float) and v >= 0 else _cli_fail("a number of seconds, 0 or more"),
+    "state": lambda v: v if isinstance(v, dict) else _cli_fail("a table of the class's State fields"),
+    "service": lambda v: v if isinstance(v, str) and v else _cli_fail("a service name"),
+    "enabled": lambda v: v if isinstance(v, bool) else _cli_fail("true or false"),
+    "singleton": lambda v: v,
+}
+
+
+def _cli_fail(what: str) -> Any:
+    raise ValueError(f"must be {what}")
+
+
+def _cli_resident(entry: Any, where: str) -> ResidentService | None:
+    """One launch-file entry, every field checked; errors name the entry and the field."""
+    if not isinstance(entry, dict):
+        raise _CliError(f"{where}: must be a table ([[resident_services]] with key = value lines)")
+    unknown = sorted(set(entry) - set(_CLI_RESIDENT_FIELDS))
+    if unknown:
+        raise _CliError(f"{where}: unknown field {unknown[0]!r}")
+    checked = {}
+    for field in ("class", "agent_id"):
+        if field not in entry:
+            raise _CliError(f"{where}.{field}: required")
+    for field, value in entry.items():
         try:
-            _check_agent_id(entry["agent_id"])
-            cls = _resolve_class(entry["class"], "paglet", ("*",))
-            specs.append(ResidentService(
-                cls, entry["agent_id"], ResidentLifecycle(entry.get("lifecycle", "lazy")), ServiceScope(entry.get("scope", "local")),
-                float(entry.get("idle_timeout", RESIDENT_IDLE_TIMEOUT)), entry.get("state"), None, entry.get("service"),
-            ))  # fmt: skip
+            checked[field] = _CLI_RESIDENT_FIELDS[field](value)
         except (PagletError, ValueError, TypeError) as exc:
-            field = next((f for f in ("lifecycle", "scope", "idle_timeout") if f in entry and str(entry[f]) in str(exc)), "class")
             raise _CliError(f"{where}.{field}: {exc}") from exc
-    return specs
+    if not checked.get("enabled", True):
+        return None
+    cls, state = checked["class"], checked.get("state")
+    if state is not None:
+        unknown = sorted(set(state) - {f.name for f in dataclasses.fields(cls.State)})
+        if unknown:
+            raise _CliError(f"{where}.state.{unknown[0]}: not a field of {cls.State.__qualname__}")
+        try:
+            state = _wire_decode({"$dc": _qualified_name(cls.State), "$f": state}, _wire_resolver(None))
+        except PagletError as exc:
+            raise _CliError(f"{where}.state: {exc}") from exc
+    return ResidentService(
+        cls, checked["agent_id"], checked.get("lifecycle", ResidentLifecycle.LAZY), checked.get("scope", ServiceScope.LOCAL),
+        checked.get("idle_timeout", RESIDENT_IDLE_TIMEOUT), state, None, checked.get("service"),
+    )  # fmt: skip
 
 
 def _cli_parser() -> argparse.ArgumentParser:
