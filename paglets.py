@@ -102,6 +102,7 @@ __all__ = [
     "AuthenticationError",
     "ForbiddenError",
     "HostError",
+    "HostNotFoundError",
     "InvalidAgentError",
     "LifecycleError",
     "NotHandledError",
@@ -414,6 +415,12 @@ class InvalidAgentError(PagletError):
     http_status = 404
 
 
+class HostNotFoundError(HostError):
+    """No known host has that name, or a URL is not a host URL."""
+
+    http_status = 404
+
+
 class LifecycleError(PagletError):
     """A lifecycle step (create, hook, dispatch, deactivate, ...) failed or is not possible now."""
 
@@ -618,6 +625,19 @@ def _normalize_url(url: str) -> str:
     return url.rstrip("/")
 
 
+_URL = re.compile(r"http://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._\-]+)(:[0-9]{1,5})?(/[A-Za-z0-9._~\-/%]*)?")
+
+
+def _check_url(url: Any) -> str:
+    """A host URL from the network: http, a host name or address, a port in range; else HostNotFoundError."""
+    text = _normalize_url(url) if isinstance(url, str) and len(url) <= 300 else ""
+    match = _URL.fullmatch(text)
+    port = int(match.group(2)[1:]) if match and match.group(2) else 80
+    if not match or not 0 < port < 65536:
+        raise HostNotFoundError(f"not a host URL: {str(url)[:80]!r}")
+    return text
+
+
 def _check_agent_id(agent_id: Any) -> str:
     if not isinstance(agent_id, str) or not _AGENT_ID.fullmatch(agent_id):
         raise InvalidAgentError(f"not a valid agent id: {str(agent_id)[:80]!r}")
@@ -655,8 +675,9 @@ def _resolve_class(name: Any, kind: str, allow: Iterable[str] | None) -> type:
     if "__" in name and not (allow is None and module_name == "__main__" and "__" not in qualname):
         raise ForbiddenError(f"class names with dunders are refused: {name!r}")
     module = sys.modules.get(module_name)
-    if module is None:
-        if allow is not None and not _module_allowed(module_name, allow):
+    allowed = allow is None or _module_allowed(module_name, allow)
+    if module is None or allowed:  # import_module also waits for an import another thread started
+        if not allowed:
             raise ForbiddenError(f"module {module_name!r} is not allowed on this host (see --allow)")
         try:
             module = importlib.import_module(module_name)
@@ -1797,6 +1818,7 @@ class HostClient:
     # -- transport ------------------------------------------------------------------------
     def _connection(self, url: str, fresh: bool) -> _Connection:
         conns: dict[str, _Connection] = self._local.__dict__.setdefault("conns", {})
+        url = urllib.parse.urlunsplit((*urllib.parse.urlsplit(url)[:2], "", "", ""))  # one connection per host
         conn = conns.get(url)
         if conn is None or fresh:
             if conn is not None:
@@ -1832,6 +1854,7 @@ class HostClient:
         ``length`` for a file).
         """
         url = _normalize_url(url)
+        path = urllib.parse.urlsplit(url).path + path  # a host mounted under a prefix keeps it
         if body is not None and body_type is None:
             body, body_type = _cbor_dumps(body), _CBOR_TYPE
         for attempt in (0, 1):
@@ -5176,8 +5199,8 @@ class MeshRegistry:
         if ref is not None:
             return ref.url
         if "://" in name_or_url or re.fullmatch(r"[\w.\-\[\]:]+:\d+", name_or_url):
-            return _normalize_url(name_or_url)
-        raise HostError(f"no known host named {name_or_url!r}")
+            return _check_url(name_or_url)
+        raise HostNotFoundError(f"no known host named {name_or_url!r}")
 
     def wait_for_host(self, name_or_url: str, timeout: float = 10.0) -> HostRef:
         """Wait until a host is known and online (contacting a URL directly); HostError on timeout."""
@@ -5298,12 +5321,15 @@ class MeshRegistry:
 # Threads: one thread per connection; handlers call the Host, which is thread-safe.
 
 
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+
+
 def _http_read_body(request: Any, limit: int) -> bytes:
     """Read the request body ourselves: length checked first, never spooled to a temporary file."""
     if "chunked" in request.environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         raise RequestError("chunked request bodies are not accepted; send Content-Length", 411)
     length_text = request.environ.get("CONTENT_LENGTH") or "0"
-    if not length_text.isdigit():
+    if not _CONTENT_LENGTH.fullmatch(length_text):
         raise RequestError("bad Content-Length", 400)
     length = int(length_text)
     if length > limit:
@@ -5368,7 +5394,15 @@ def _route_hosts(host: Host, request: Any) -> tuple[int, Any]:
 def _route_join(host: Host, request: Any) -> tuple[int, Any]:
     body = _http_map(_http_decode(request, host.config.max_body_bytes), "host")
     caller = HostRef.from_wire(body["host"])
-    known = [HostRef.from_wire(item) for item in body.get("hosts", [])[:1000]]
+    caller = dataclasses.replace(caller, url=_check_url(caller.url))
+    hosts = body.get("hosts", [])
+    if not isinstance(hosts, list):
+        raise SerializationError("hosts must be a list of HostRef maps")
+    known = []
+    for item in hosts[:1000]:  # what a peer says of third hosts: keep only what makes sense
+        with contextlib.suppress(PagletError):
+            ref = HostRef.from_wire(item)
+            known.append(dataclasses.replace(ref, url=_check_url(ref.url)))
     return 200, {"hosts": [r.to_wire() for r in host.mesh.receive(caller, known)]}
 
 
@@ -5411,7 +5445,10 @@ def _route_create(host: Host, request: Any) -> tuple[int, Any]:
     body = _http_map(_http_decode(request, host.config.max_body_bytes), "agent_class")
     cls: Any = _resolve_class(body["agent_class"], "paglet", host.config.allow_modules)
     state = body.get("state")
-    if isinstance(state, dict) and not any(key.startswith("$") for key in state):
+    if isinstance(state, dict) and all(isinstance(key, str) and not key.startswith("$") for key in state):
+        unknown = sorted(set(state) - {f.name for f in dataclasses.fields(cls.State)})
+        if unknown:
+            raise SerializationError(f"{cls.State.__qualname__} has no field {unknown[0]!r}")
         state = {"$dc": _qualified_name(cls.State), "$f": state}  # a plain map holds the State's fields
     state = _wire_decode(state, host.resolve)
     init = _wire_decode(body.get("init"), host.resolve)
@@ -5439,16 +5476,29 @@ def _route_message(host: Host, request: Any, agent_id: str) -> tuple[int, Any]:
     return (202, {"accepted": True}) if oneway else (200, {"reply": reply})
 
 
+#: What each lifecycle endpoint takes in its body.
+_AGENT_OP_ARGS: dict[str, set[str]] = {
+    "dispatch": {"target", "ticket"}, "clone": {"target", "ticket"}, "retract": {"target", "ticket"},
+    "deactivate": {"request"}, "activate": set(), "dispose": set(),
+}  # fmt: skip
+
+
 def _route_agent_op(op: str) -> Callable[..., tuple[int, Any]]:
     def handle(host: Host, request: Any, agent_id: str) -> tuple[int, Any]:
         body = _http_map(_http_decode(request, host.config.max_body_bytes))
-        arg: Any = body.get("target")
-        if "ticket" in body:
-            arg = TransferTicket.from_wire(body["ticket"])
-        elif "request" in body:
+        allowed = _AGENT_OP_ARGS[op]
+        given = {key for key, value in body.items() if value is not None}
+        if given - allowed or (op in ("dispatch", "retract") and not given):
+            raise SerializationError(f"{op} takes {' or '.join(sorted(allowed)) or 'no arguments'}")
+        arg: Any = None
+        if "request" in given:
             arg = DeactivationRequest.from_wire(body["request"])
-        if arg is not None and not isinstance(arg, (str, TransferTicket, DeactivationRequest)):
-            raise SerializationError("target must be a URL, a host name or a ticket")
+        elif "ticket" in given:
+            arg = TransferTicket.from_wire(body["ticket"])
+        elif "target" in given:
+            arg = body["target"]
+            if not isinstance(arg, str) or not arg:
+                raise SerializationError("target must be a URL or a host name")
         ref = host.agent_op(host.address, _check_agent_id(agent_id), op, arg)
         return 200, {"proxy": ref.to_wire() if ref is not None else None}
 
@@ -5458,7 +5508,7 @@ def _route_agent_op(op: str) -> Callable[..., tuple[int, Any]]:
 def _route_artifact_upload(host: Host, request: Any) -> tuple[int, Any]:
     query = request.query
     length = request.environ.get("CONTENT_LENGTH", "")
-    if "chunked" in request.environ.get("HTTP_TRANSFER_ENCODING", "").lower() or not length.isdigit():
+    if "chunked" in request.environ.get("HTTP_TRANSFER_ENCODING", "").lower() or not _CONTENT_LENGTH.fullmatch(length):
         raise RequestError("an artifact upload needs Content-Length (no chunked bodies)", 411)
     expires = query.get("expires_at")
     try:
@@ -5586,6 +5636,7 @@ class _HttpHandler(http.server.BaseHTTPRequestHandler):
     """One connection: HTTP/1.1 requests in a loop, each answered by the WSGI app."""
 
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"  # a malformed request line still gets a status line back
     server_version = f"paglets/{__version__}"
     server: _HttpServer
 
@@ -5603,12 +5654,38 @@ class _HttpHandler(http.server.BaseHTTPRequestHandler):
         except (TimeoutError, OSError):
             self.close_connection = True
             return
-        if not self.raw_requestline or len(self.raw_requestline) > 65536:
+        if not self.raw_requestline:
             self.close_connection = True
+            return
+        if len(self.raw_requestline) > 65536:
+            self.requestline, self.request_version, self.command = "", "HTTP/1.0", ""
+            self.send_error(414, "request line too long")
             return
         if not self.parse_request():
             return
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(set(lengths)) > 1 or (lengths and self.headers.get("Transfer-Encoding")):
+            self.send_error(400, "conflicting Content-Length / Transfer-Encoding headers")  # no request smuggling
+            return
+        if lengths and not _CONTENT_LENGTH.fullmatch(lengths[0]):
+            self.send_error(400, "bad Content-Length")
+            return
         self._run_app()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors found before the app runs also answer with a JSON error body, and close."""
+        body = _json_dumps({"error": "RequestError", "message": message or explain or "bad request"})
+        self.close_connection = True
+        try:
+            self.send_response(code, message)
+            self.send_header("Content-Type", _JSON_TYPE)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except OSError:
+            pass
 
     def _environ(self) -> dict[str, Any]:
         path, _, query = self.path.partition("?")
@@ -5678,7 +5755,7 @@ class _HttpInput:
 
     def __init__(self, rfile: Any, length: str) -> None:
         self._rfile = rfile
-        self._left = int(length) if length.isdigit() else 0
+        self._left = int(length) if _CONTENT_LENGTH.fullmatch(length) else 0
 
     def read(self, size: int = -1) -> bytes:
         size = self._left if size is None or size < 0 else min(size, self._left)
@@ -7835,6 +7912,13 @@ def _cli_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cli_artifacts(args: argparse.Namespace) -> int:
+    refs = _cli_client(args).artifacts(args.host_url)
+    rows = [[r.artifact_id, r.name, r.size, r.sha256[:12], r.owner_agent_id] for r in refs]
+    _cli_print(args, [r.to_wire() for r in refs], rows, ["ARTIFACT", "NAME", "BYTES", "SHA256", "OWNER"])
+    return 0
+
+
 def _cli_info(args: argparse.Namespace) -> int:
     client = _cli_client(args)
     records = [r for r in client.services(args.host_url, SERVER_INFO_CONTRACT.name) if SERVER_INFO_CONTRACT.matches_record(r)]
@@ -7987,6 +8071,7 @@ def _cli_parser() -> argparse.ArgumentParser:
     sub.set_defaults(run=_cli_events)
     client_command("hosts", "list the hosts a host knows").set_defaults(run=_cli_hosts)
     client_command("services", "list a host's advertised services").set_defaults(run=_cli_services)
+    client_command("artifacts", "list the artifacts stored on a host").set_defaults(run=_cli_artifacts)
     sub = client_command("info", "print the host machine's figures (the server-info service)")
     sub.add_argument("--path", action="append", help="also report disk usage of this path (repeatable)")
     sub.set_defaults(run=_cli_info)
@@ -8008,7 +8093,9 @@ def main(argv: list[str] | None = None) -> int:
     except _CliError as exc:
         print(f"paglets: {exc}", file=sys.stderr)
         return 2
-    except (PagletError, TimeoutError, OSError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, (PagletError, TimeoutError, OSError)) and not getattr(exc, "_paglets_remote", False):
+            raise  # a bug of this program: the traceback helps
         kind = next(c.__name__ for c in type(exc).__mro__ if not c.__name__.startswith("_"))
         print(f"paglets: {kind}: {exc}", file=sys.stderr)
         return 1
