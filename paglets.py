@@ -1857,9 +1857,13 @@ class HostClient:
         path = urllib.parse.urlsplit(url).path + path  # a host mounted under a prefix keeps it
         if body is not None and body_type is None:
             body, body_type = _cbor_dumps(body), _CBOR_TYPE
+        # Whether a request may have been handled matters to exactly-once moves: a failure while
+        # sending means the server never had the whole request; one while waiting for the answer
+        # means it may have.  _Unreachable says "certainly not delivered".
+        answered_phase = False
         for attempt in (0, 1):
             conn = self._connection(url, fresh=attempt == 1)
-            reused = conn.sock is not None
+            reused, waiting = conn.sock is not None, False
             try:
                 if conn.sock is not None:
                     conn.sock.settimeout(timeout or self.timeout)
@@ -1869,19 +1873,22 @@ class HostClient:
                 if length is not None:
                     headers["Content-Length"] = str(length)
                 conn.request(method, path, body=body, headers=headers)
+                waiting = True
                 return conn.getresponse()
             except _STALE_ERRORS as exc:
                 conn.close()
+                answered_phase = answered_phase or waiting
                 if reused and attempt == 0 and isinstance(body, (bytes, type(None))):
                     continue  # a keep-alive connection the server had closed: once more, fresh
-                raise RemoteHostError(f"connection to {url} failed: {exc}") from exc
+                error: Exception = exc
             except TimeoutError as exc:
                 conn.close()
                 raise TimeoutError(f"no answer from {url}{path} within {timeout or self.timeout} s") from exc
             except OSError as exc:
-                unsent = conn.sock is None  # the connection never opened: not one byte went out
                 conn.close()
-                raise (_Unreachable if unsent else RemoteHostError)(f"cannot reach {url}: {exc}") from exc
+                answered_phase, error = answered_phase or waiting, exc
+            kind = RemoteHostError if answered_phase else _Unreachable
+            raise kind(f"connection to {url} failed: {error}") from error
         raise AssertionError("unreachable")
 
     def call(self, method: str, url: str, path: str, body: Any = None, *, timeout: float | None = None) -> Any:
@@ -3408,10 +3415,10 @@ class _Store:
         return handle
 
     def _conn(self) -> apsw.Connection:
+        if self._closed:
+            raise HostError(f"the database {self.path} is closed")
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            if self._closed:
-                raise HostError(f"the database {self.path} is closed")
             with self._errors():
                 conn = apsw.Connection(str(self.path))
                 conn.setbusytimeout(10_000)
@@ -4227,6 +4234,10 @@ class _WorkerRuntime:
         self.call_ids = itertools.count(1)
         self.resolve = _wire_resolver(None)
         self.terminal = False
+        #: Inside on_creation/on_arrival/on_clone/on_activation: the host is still starting the
+        #: paglet, so a move it asks for runs right after the hook (Aglets' onArrival -> dispatch).
+        self.starting = False
+        self.deferred: list[Callable[[], Any]] = []
         self.state_version = 0
         self.paglet: Paglet[Any] | None = None
         self.boot: dict[str, Any] = {}
@@ -4433,8 +4444,16 @@ def _step_arrive(hook: str, event_cls: type[PagletEvent]) -> Callable[[_WorkerRu
     def step(rt: _WorkerRuntime, args: Any) -> Any:
         assert rt.paglet is not None
         event = _value_from_wire(event_cls, args, rt.resolve)
-        getattr(rt.paglet, hook)(event)
-        rt.start_run()
+        rt.starting = True
+        try:
+            getattr(rt.paglet, hook)(event)
+        finally:
+            rt.starting = False
+        moves, rt.deferred = rt.deferred, []
+        if moves:  # it asked to move on: do that once the host has it running (and skip run())
+            threading.Thread(target=lambda: [move() for move in moves], name="paglet-move", daemon=True).start()
+        else:
+            rt.start_run()
         return None
 
     return step
@@ -4546,7 +4565,27 @@ class _WorkerStub:
         return ArtifactRef.from_wire(self._rt.request("upload_artifact", str(path), host_url, _wire_encode(meta, "meta")))
 
     # -- moving and ending oneself: hooks run here, in the calling thread, holding the mailbox ------
-    def _self_step(self, op: str, arg: Any) -> Any:
+    def _defer(self, op: str, arg: Any) -> Any:
+        """A move asked for in a startup hook: queued for right after the hook; its proxy now."""
+        rt = self._rt
+        assert rt.paglet is not None
+        clone_id = _new_id() if op == "clone" else None
+
+        def move() -> None:
+            try:
+                self._self_step(op, arg, clone_id)
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    rt.send(_F_REQ, 0, "log_error", [op, _frame_error(exc)])
+
+        rt.deferred.append(move)
+        if op == "dispose":
+            return None
+        destination = arg.get("destination") if isinstance(arg, dict) and op != "deactivate" else arg
+        url = self.resolve_url(destination) if op in ("dispatch", "clone") and destination else self.address
+        return PagletProxyRef(url, clone_id or rt.paglet.agent_id).to_wire()
+
+    def _self_step(self, op: str, arg: Any, clone_id: str | None = None) -> Any:
         """Dispatch, clone, deactivate or dispose oneself: hooks here, then the host completes it.
 
         The host does the exactly-once handoff while this worker still runs, so a failed move
@@ -4554,13 +4593,19 @@ class _WorkerStub:
         """
         rt = self._rt
         assert rt.paglet is not None
+        if rt.starting and rt.mailbox.holds():
+            return self._defer(op, arg)
         rt.mailbox.enter()
         try:
             plan, extra = None, None
             if op in ("dispatch", "clone"):
-                plan = rt.request("plan_" + op, arg)
+                plan = rt.request("plan_" + op, arg, clone_id)
                 event = _value_from_wire(MobilityEvent if op == "dispatch" else CloneEvent, plan["event"], rt.resolve)
-                (rt.paglet.on_dispatching if op == "dispatch" else rt.paglet.on_cloning)(event)
+                try:
+                    (rt.paglet.on_dispatching if op == "dispatch" else rt.paglet.on_cloning)(event)
+                except BaseException:
+                    rt.request("abort_plan")  # vetoed: the host sends messages again
+                    raise
             elif op == "deactivate":
                 extra = _step_deactivating(rt, arg)
             else:
@@ -5598,6 +5643,8 @@ def _http_wrap(host: Host, handler: Callable[..., Any], auth: bool) -> Callable[
     def callback(**url_args: Any) -> Any:
         request, response = bottle.request, bottle.response
         try:
+            if not host.serving:
+                raise RequestError(f"host {host.name} has stopped", 503)
             if auth and not _http_authorized(host, request):
                 raise AuthenticationError("missing or wrong API key (Authorization: Bearer <key>)")
             result = handler(host, request, **url_args)
@@ -5947,6 +5994,11 @@ class Host:
     def __repr__(self) -> str:
         return f"Host({self.name!r}, {self.address!r})"
 
+    @property
+    def serving(self) -> bool:
+        """Whether the host takes requests (false once stop() or shutdown() began)."""
+        return not self._stopped
+
     # ==== running ===============================================================================
     def start_background(self) -> Host:
         """Serve HTTP and run paglets on background threads; restores paglets saved for restart."""
@@ -6063,7 +6115,8 @@ class Host:
         if agent_id in self._live:
             return PagletProxy(self.address, agent_id, self)
         row = self._store.agent(agent_id) if include_inactive else None
-        return PagletProxy(self.address, agent_id, self) if row is not None and row.status in ("inactive", "active") else None
+        known = row is not None and row.status in ("inactive", "active", "arriving")
+        return PagletProxy(self.address, agent_id, self) if known else None
 
     def get_proxies(self, state: int = ACTIVE) -> list[PagletProxy]:
         """Proxies of this host's paglets in a state (ACTIVE, INACTIVE or ACTIVE | INACTIVE)."""
@@ -6094,7 +6147,7 @@ class Host:
                 raise _error_from_wire(value)
             return bytes(value)
         row = self._store.agent(_check_agent_id(agent_id))
-        if row is None or row.status not in ("inactive", "active", "crashed") or row.state is None:
+        if row is None or row.status not in ("inactive", "active", "crashed", "arriving") or row.state is None:
             raise InvalidAgentError(f"no paglet {agent_id!r} on {self.name}")
         return row.state
 
@@ -6106,7 +6159,7 @@ class Host:
                 ids = list(self._live)
             infos += [self._info(agent_id) for agent_id in ids]
         if state in ("inactive", "all"):
-            statuses = ("inactive", "crashed") if state == "all" else ("inactive",)
+            statuses = ("inactive", "crashed", "arriving") if state == "all" else ("inactive",)
             infos += [self._row_info(row) for row in self._store.agents(*statuses)]
         return [info for info in infos if info]
 
@@ -6267,6 +6320,8 @@ class Host:
             row = self._store.agent(agent_id)
             if row is None or row.status in ("gone", "departing"):
                 raise InvalidAgentError(f"no paglet {agent_id!r} on {self.name}")
+            if "arrival" in row.meta:  # arrived inactive: its first start is its arrival
+                return self._arrive_row(row)
             cls = _resolve_class(row.agent_class, "paglet", None)  # our own database names it: trusted
             event = PersistencyEvent(agent_id, self.name, self.address, reason=reason, request=row.request, policy=row.policy)
             live = self._start(cls, agent_id, row.state, "activation", event.to_wire(), row.meta, row.epoch, self._deliver_queued)
@@ -6755,9 +6810,9 @@ class Host:
         """A registered file goes ahead of its paglet (skipped if the target already has that content)."""
         ref = PagletFileRef.from_wire(item)
         digest, size = _sha256_file(Path(ref.current_path))
-        known = self.client.artifacts(url, digest)
+        known = [a for a in self.client.artifacts(url, digest) if a.owner_agent_id == agent_id]  # an earlier try of ours
         artifact = known[0] if known else self.client.upload_artifact(
-            ref.current_path, host_url=url, name=ref.name, owner_agent_id=agent_id, sha256=digest
+            ref.current_path, host_url=url, name=ref.name, owner_agent_id=agent_id, sha256=digest, expires_at=time.time() + 86400
         )  # fmt: skip
         return {**dataclasses.replace(ref, sha256=digest, size=size).to_wire(), "artifact_id": artifact.artifact_id}
 
@@ -6893,13 +6948,18 @@ class Host:
             if live is not None:
                 return live
             row = self._store.agent(agent_id)
-            if row is None or row.status != "arriving":
+            if row is None or "arrival" not in row.meta:
                 return self._activate(agent_id, "recover")
-            arrival = row.meta.pop("arrival", {})
-            row.meta["files"] = [self._land_file(agent_id, item) for item in row.meta.get("files", [])]
-            cls = _resolve_class(row.agent_class, "paglet", None)  # accepted into our own database: trusted
-            live = self._start(cls, agent_id, row.state, arrival.get("step", "arrival"), arrival.get("event"), row.meta, row.epoch)
-        self._emit("arrived", agent_id, row.agent_class)
+            return self._arrive_row(row)
+
+    def _arrive_row(self, row: _AgentRow) -> _Live:
+        """Under the paglet's lock: land its files, run its arrival hook, hand it its queue."""
+        arrival = row.meta.pop("arrival", {})
+        row.meta["files"] = [self._land_file(row.agent_id, item) for item in row.meta.get("files", [])]
+        cls = _resolve_class(row.agent_class, "paglet", None)  # accepted into our own database: trusted
+        step, event = arrival.get("step", "arrival"), arrival.get("event")
+        live = self._start(cls, row.agent_id, row.state, step, event, row.meta, row.epoch, self._deliver_queued)
+        self._emit("arrived", row.agent_id, row.agent_class)
         return live
 
     def _land_file(self, agent_id: str, item: dict[str, Any]) -> dict[str, Any]:
@@ -7175,7 +7235,7 @@ class Host:
 
     def registered_files(self, agent_id: str) -> list[PagletFileRef]:
         """The files a paglet carries."""
-        live = self._live.get(agent_id)
+        live = self._live.get(agent_id) or self._starting.get(agent_id)  # its hooks see where files landed
         meta = live.meta if live is not None else (self._store.agent(agent_id) or _AgentRow("", "", "", None)).meta
         return [PagletFileRef.from_wire(item) for item in meta.get("files", [])]
 
@@ -7327,12 +7387,12 @@ def _op_complete_dispose(host: Host, worker: _Worker, request: Any, state: Any, 
 def _op_plan_move(kind: str) -> Callable[..., Any]:
     """A paglet moves itself: the host checks the target and stops sending it messages meanwhile."""
 
-    def plan(host: Host, worker: _Worker, target: Any) -> Any:
+    def plan(host: Host, worker: _Worker, target: Any, clone_id: str | None = None) -> Any:
         _op_live(host, worker)  # it must be running here
         ticket = host._ticket(target) if target is not None else TransferTicket(host.address)
         ref = host._target(ticket)
         if kind == "clone":
-            event: PagletEvent = host._clone_event(worker.agent_id, _new_id(), ref)
+            event: PagletEvent = host._clone_event(worker.agent_id, _check_agent_id(clone_id or _new_id()), ref)
         else:
             event = host._mobility_event(worker.agent_id, ref, "dispatch")
         with worker.cond:
@@ -7364,6 +7424,15 @@ def _op_complete_move(kind: str) -> Callable[..., Any]:
                 worker._send(send)
 
     return complete
+
+
+def _op_abort_plan(host: Host, worker: _Worker) -> None:
+    """A paglet vetoed its own move (its hook raised): messages flow again."""
+    with worker.cond:
+        worker.holds = max(0, worker.holds - 1)
+        send = worker._next_frame()
+    if send is not None:
+        worker._send(send)
 
 
 def _op_upload_artifact(host: Host, worker: _Worker, path: str, url: str | None, meta: Any) -> Any:
@@ -7405,6 +7474,7 @@ _WORKER_OPS: dict[str, Callable[..., Any]] = {
     "plan_clone": _op_plan_move("clone"),
     "complete_dispatch": _op_complete_move("dispatch"),
     "complete_clone": _op_complete_move("clone"),
+    "abort_plan": _op_abort_plan,
     "upload_artifact": _op_upload_artifact,
     "download_artifact": lambda host, w, ref, target, move: host.download_artifact(ArtifactRef.from_wire(ref), target, move).to_wire(),
     "delete_artifact": lambda host, w, ref: host.delete_artifact(ArtifactRef.from_wire(ref)),

@@ -19,6 +19,7 @@ from paglets import PagletError
 STATUS = {
     "PagletError": 500,
     "HostError": 500,
+    "HostNotFoundError": 404,
     "InvalidAgentError": 404,
     "LifecycleError": 409,
     "NotHandledError": 400,
