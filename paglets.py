@@ -56,6 +56,12 @@ Map of this file (``grep -n '^# [0-9]*\\. ' paglets.py`` prints it with line num
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # pragma: no cover
+    # Guarded here, at the top, so that `python paglets.py` runs the module body once, not twice.
+    import paglets  # this file under its own name, so classes have one identity
+
+    raise SystemExit(paglets.main())
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -3340,6 +3346,13 @@ _STORE_MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE agents ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE agents ADD COLUMN forward_url TEXT;
     """,
+    # 3: state blobs in a table of their own: SQLite rewrites a whole row (big blob included)
+    # when any column changes, and a paglet's status changes far more often than its state.
+    """
+    CREATE TABLE states (agent_id TEXT PRIMARY KEY, state BLOB NOT NULL, version INTEGER NOT NULL DEFAULT 0);
+    INSERT INTO states (agent_id, state, version) SELECT agent_id, state, state_version FROM agents WHERE state IS NOT NULL;
+    UPDATE agents SET state=NULL;
+    """,
 )
 
 _STORE_ERRORS = (apsw.Error,)
@@ -3363,7 +3376,9 @@ class _AgentRow:
     forward_url: str | None = None
 
 
-_AGENT_COLUMNS = "agent_id, agent_class, status, state, state_version, policy, request, reason, meta, updated_at, epoch, forward_url"
+_AGENT_COLUMNS = "a.agent_id, agent_class, status, s.state, s.version, policy, request, reason, meta, updated_at, epoch, forward_url"
+_AGENT_FROM = "agents a LEFT JOIN states s ON s.agent_id = a.agent_id"
+_AGENT_LIST_COLUMNS = "agent_id, agent_class, status, NULL, 0, policy, request, reason, meta, updated_at, epoch, forward_url"
 
 
 def _store_blob(value: Any) -> bytes | None:
@@ -3504,15 +3519,15 @@ class _Store:
     # -- paglets ---------------------------------------------------------------------------------
     def agent(self, agent_id: str) -> _AgentRow | None:
         """The row of one paglet, or None."""
-        found = self.rows(f"SELECT {_AGENT_COLUMNS} FROM agents WHERE agent_id=?", (agent_id,))
+        found = self.rows(f"SELECT {_AGENT_COLUMNS} FROM {_AGENT_FROM} WHERE a.agent_id=?", (agent_id,))
         return self._agent_row(found[0]) if found else None
 
     def agents(self, *statuses: str) -> list[_AgentRow]:
-        """Rows of every paglet in one of these statuses (all when none is given)."""
+        """Rows of every paglet in one of these statuses (all when none is given), without states."""
         if not statuses:
-            return [self._agent_row(r) for r in self.rows(f"SELECT {_AGENT_COLUMNS} FROM agents")]
+            return [self._agent_row(r) for r in self.rows(f"SELECT {_AGENT_LIST_COLUMNS} FROM agents")]
         marks = ",".join("?" * len(statuses))
-        found = self.rows(f"SELECT {_AGENT_COLUMNS} FROM agents WHERE status IN ({marks}) ORDER BY updated_at", statuses)
+        found = self.rows(f"SELECT {_AGENT_LIST_COLUMNS} FROM agents WHERE status IN ({marks}) ORDER BY updated_at", statuses)
         return [self._agent_row(r) for r in found]
 
     @staticmethod
@@ -3523,7 +3538,7 @@ class _Store:
             agent_class=row[1],
             status=row[2],
             state=None if row[3] is None else bytes(row[3]),
-            state_version=row[4],
+            state_version=row[4] or 0,
             policy=DeactivationPolicy.from_wire(policy) if policy is not None else None,
             request=DeactivationRequest.from_wire(request) if request is not None else None,
             reason=row[7],
@@ -3541,7 +3556,7 @@ class _Store:
         """Insert or replace a paglet's row (durably, unless inside the caller's transaction)."""
         policy = row.policy
         values = (
-            row.agent_id, row.agent_class, row.status, row.state, row.state_version, _store_blob(policy),
+            row.agent_id, row.agent_class, row.status, None, 0, _store_blob(policy),
             _store_blob(row.request), row.reason, policy.activate_at if policy else None,
             int(bool(policy and policy.activate_on_startup)), _store_blob(row.meta), time.time(), row.epoch,
             row.forward_url,
@@ -3552,18 +3567,31 @@ class _Store:
             " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
         )
         if tx is not None:
-            tx.execute(sql, values)
+            self._put_agent(tx, sql, values, row)
             return
         with self.write(durable=True) as conn:
-            conn.execute(sql, values)
+            self._put_agent(conn, sql, values, row)
+
+    @staticmethod
+    def _put_agent(conn: apsw.Connection, sql: str, values: tuple[Any, ...], row: _AgentRow) -> None:
+        conn.execute(sql, values)
+        if row.state is not None:
+            conn.execute("INSERT OR REPLACE INTO states (agent_id, state, version) VALUES (?,?,?)", (row.agent_id, row.state, row.state_version))
+
+    def set_active(self, row: _AgentRow) -> None:
+        """Mark a stored paglet active again, keeping its stored state (it did not change)."""
+        with self.write(durable=True) as conn:
+            conn.execute(
+                "UPDATE agents SET status='active', policy=NULL, request=NULL, reason=NULL, activate_at=NULL,"
+                " activate_on_startup=0, meta=?, epoch=?, forward_url=NULL, updated_at=? WHERE agent_id=?",
+                (_store_blob(row.meta), row.epoch, time.time(), row.agent_id),
+            )
+            conn.execute("UPDATE states SET version=0 WHERE agent_id=?", (row.agent_id,))
 
     def checkpoint(self, agent_id: str, state: bytes, version: int) -> None:
         """Store an active paglet's state, unless a newer checkpoint is already stored."""
         with self.write(durable=True) as conn:
-            conn.execute(
-                "UPDATE agents SET state=?, state_version=?, updated_at=? WHERE agent_id=? AND state_version<?",
-                (state, version, time.time(), agent_id, version),
-            )
+            conn.execute("UPDATE states SET state=?, version=? WHERE agent_id=? AND version<?", (state, version, agent_id, version))
 
     def set_meta(self, agent_id: str, meta: dict[str, Any]) -> None:
         """Replace a paglet's metadata (subscriptions, registered files)."""
@@ -3574,6 +3602,7 @@ class _Store:
         """Forget a paglet, its queue and its services."""
         with self.write(durable=True) as conn:
             conn.execute("DELETE FROM agents WHERE agent_id=?", (agent_id,))
+            conn.execute("DELETE FROM states WHERE agent_id=?", (agent_id,))
             conn.execute("DELETE FROM queue WHERE agent_id=?", (agent_id,))
             conn.execute("DELETE FROM services WHERE agent_id=?", (agent_id,))
 
@@ -3613,10 +3642,7 @@ class _Store:
         """Drop handled queued messages together with the checkpoint they produced, in one commit."""
         with self.write(durable=True) as conn:
             if state is not None:
-                conn.execute(
-                    "UPDATE agents SET state=?, state_version=?, updated_at=? WHERE agent_id=? AND state_version<?",
-                    (state, version, time.time(), agent_id, version),
-                )
+                conn.execute("UPDATE states SET state=?, version=? WHERE agent_id=? AND version<?", (state, version, agent_id, version))
             conn.executemany("DELETE FROM queue WHERE seq=?", [(seq,) for seq in seqs])
 
     def queue_length(self, agent_id: str) -> int:
@@ -3743,10 +3769,10 @@ class _Store:
         now = time.time()
         with self.write(durable=True) as conn:
             if kind != "clone":
-                conn.execute(
-                    "UPDATE agents SET status='departing', state=?, epoch=?, updated_at=? WHERE agent_id=?",
-                    (state, epoch, now, agent_id),
-                )
+                conn.execute("UPDATE agents SET status='departing', epoch=?, updated_at=? WHERE agent_id=?", (epoch, now, agent_id))
+                same = list(conn.execute("SELECT state=? FROM states WHERE agent_id=?", (state, agent_id)))
+                if not same or same[0][0] != 1:  # a checkpoint that is this state already is not rewritten
+                    conn.execute("INSERT OR REPLACE INTO states (agent_id, state, version) VALUES (?,?,0)", (agent_id, state))
             conn.execute(
                 "INSERT INTO transfers (tid, agent_id, direction, status, peer_url, epoch, body, created_at, updated_at)"
                 " VALUES (?,?,?,?,?,?,?,?,?)",
@@ -3766,9 +3792,11 @@ class _Store:
                 return
             if outcome == "accepted":
                 conn.execute(
-                    "UPDATE agents SET status='gone', forward_url=?, state=NULL, updated_at=? WHERE agent_id=? AND status='departing'",
+                    "UPDATE agents SET status='gone', forward_url=?, updated_at=? WHERE agent_id=? AND status='departing'",
                     (peer, time.time(), agent_id),
                 )
+                conn.execute("DELETE FROM states WHERE agent_id=? AND NOT EXISTS (SELECT 1 FROM agents WHERE agent_id=? AND status<>'gone')",
+                             (agent_id, agent_id))  # fmt: skip
             else:
                 conn.execute("UPDATE agents SET status='active', updated_at=? WHERE agent_id=? AND status='departing'", (time.time(), agent_id))
 
@@ -4223,8 +4251,8 @@ class _WorkerMailbox:
 class _WorkerRuntime:
     """Everything inside one worker process."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+    def __init__(self, sock: socket.socket | None) -> None:
+        self.sock: socket.socket = sock  # type: ignore[assignment]  # a spare gets it later
         self.send_lock = threading.Lock()
         self.mailbox = _WorkerMailbox()
         self.inbox: list[tuple[Callable[[], None]]] = []
@@ -4271,6 +4299,12 @@ class _WorkerRuntime:
             handler(self, frame)
 
     # -- mailbox threads ------------------------------------------------------------------------
+    def prestart(self) -> None:
+        """Start the first mailbox thread now, so the first hook does not wait for it."""
+        threading.Thread(target=self._mailbox_loop, name="paglet-mailbox", daemon=True).start()
+        with self.inbox_cond:
+            self.inbox_cond.wait_for(lambda: self.idle_threads > 0, 1.0)
+
     def post(self, job: Callable[[], None]) -> None:
         """Queue a job for a mailbox thread; start another thread only if none is free."""
         with self.inbox_cond:
@@ -4316,7 +4350,8 @@ class _WorkerRuntime:
             return _cbor_dumps(_wire_encode(self.paglet.state, "state"))
 
     def start_run(self) -> None:
-        threading.Thread(target=self._run, name="paglet-run", daemon=True).start()
+        if self.paglet is not None and type(self.paglet).run is not Paglet.run:  # no thread for the no-op default
+            threading.Thread(target=self._run, name="paglet-run", daemon=True).start()
 
     def _run(self) -> None:
         assert self.paglet is not None
@@ -4745,10 +4780,22 @@ def _ticket_wire(target: Any) -> Any:
     return target.to_wire() if isinstance(target, TransferTicket) else target
 
 
-def _worker_main(sock: socket.socket) -> None:
-    """Entry of a worker process, right after the fork server forked it."""
+def _worker_main(sock: socket.socket | None, channel: socket.socket) -> None:
+    """Entry of a worker process, right after the fork server forked it.
+
+    A spare (``sock`` None) starts its mailbox thread, then waits on ``channel`` for the socket of
+    the paglet it will run; it ends if the fork server closes the channel instead.
+    """
     try:
-        _WorkerRuntime(sock).serve()
+        runtime = _WorkerRuntime(sock)
+        runtime.prestart()
+        if sock is None:
+            _, fds, _, _ = socket.recv_fds(channel, 1, 1)
+            if not fds:
+                return
+            runtime.sock = socket.socket(fileno=fds[0])
+        channel.close()
+        runtime.serve()
     except BaseException as exc:  # the host sees the end of the stream and reports the crash
         with contextlib.suppress(Exception):
             sys.stderr.write(f"paglets worker {os.getpid()} ended: {exc!r}\n")
@@ -4770,81 +4817,138 @@ def _worker_main(sock: socket.socket) -> None:
 # its own socket closes.
 
 
-def _zygote_serve(ctl: socket.socket, forked: bool) -> None:
-    """The fork server's loop: fork a worker per request, report exits, end with its host."""
-    children: set[int] = set()
-    try:
-        if forked:
-            os.closerange(3, ctl.fileno())  # sockets, databases and lock files of the host stay there
-            os.closerange(ctl.fileno() + 1, 1 << 16)
-            os.setsid()  # a Ctrl-C on the host's terminal must not reach the workers
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-        gc.freeze()  # forked workers then share the zygote's objects instead of copying them on GC
-        while True:
-            readable, _, _ = select.select([ctl.fileno(), wake_r], [], [])
-            if wake_r in readable:
-                os.read(wake_r, 4096)
-                _zygote_reap(ctl, children)
-            if ctl.fileno() in readable and not _zygote_request(ctl, children, (wake_r, wake_w)):
-                return
-    finally:
-        for pid in children:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        os._exit(0)
+def _zygote_warm() -> None:
+    """Run the hot paths of a worker once here, so every worker starts with them warm."""
+    message = Message.from_wire(Message("warm", {"n": 1}).to_wire(), _wire_resolver(None))
+    _cbor_loads(_frame(_F_MSG, 1, message.to_wire(), False, False)[4:], untrusted=False)
+    _wire_decode(_cbor_loads(_cbor_dumps(_wire_encode(PagletState())), untrusted=False), _wire_resolver(None))
 
 
-def _zygote_reap(ctl: socket.socket, children: set[int]) -> None:
-    while children:
+#: Seconds of quiet before the fork server forks its next spare worker.
+_ZYGOTE_SPARE_DELAY = 0.001
+
+
+class _Zygote:
+    """The fork server's side: fork workers on request, keep one spare forked ahead, report exits.
+
+    The spare is a worker forked in advance with its mailbox thread running, waiting for the
+    socket of the next paglet: a create then costs a hand-off instead of a fork (about 2 ms for a
+    40 MB process) and a thread start; the next spare is forked while the host goes on.
+    """
+
+    def __init__(self, ctl: socket.socket) -> None:
+        self.ctl = ctl
+        self.children: set[int] = set()
+        self.spare: tuple[int, socket.socket] | None = None
+        self.wake_r, self.wake_w = os.pipe()
+
+    def serve(self, forked: bool) -> None:
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
+            if forked:
+                os.closerange(3, self.ctl.fileno())  # sockets, databases and lock files of the host stay there
+                os.closerange(self.ctl.fileno() + 1, 1 << 16)
+                self.wake_r, self.wake_w = os.pipe()  # the old pair was closed just above
+                os.setsid()  # a Ctrl-C on the host's terminal must not reach the workers
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.set_blocking(self.wake_w, False)
+            signal.set_wakeup_fd(self.wake_w)
+            signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+            _zygote_warm()
+            gc.freeze()  # forked workers then share the zygote's objects instead of copying them on GC
+            self.spare = self.fork(None)
+            while True:
+                # The next spare is forked after a millisecond of quiet: forking at once would take a
+                # CPU from the worker just handed out, on a two-core board that is half the machine.
+                pause = _ZYGOTE_SPARE_DELAY if self.spare is None else None
+                readable, _, _ = select.select([self.ctl.fileno(), self.wake_r], [], [], pause)
+                if not readable and self.spare is None:
+                    self.spare = self.fork(None)
+                    continue
+                if self.wake_r in readable:
+                    os.read(self.wake_r, 4096)
+                    self.reap()
+                if self.ctl.fileno() in readable and not self.request():
+                    return
+        finally:
+            for pid in self.children:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            os._exit(0)
+
+    def fork(self, fd: int | None) -> tuple[int, socket.socket]:
+        """Fork a worker for the socket ``fd``, or (None) a spare that waits on a channel for one."""
+        ours, theirs = socket.socketpair()
+        pid = os.fork()
         if pid == 0:
-            return
-        children.discard(pid)
-        ctl.sendall(_frame(0, pid, status))
+            self.ctl.close()
+            ours.close()
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _worker_main(None if fd is None else socket.socket(fileno=fd), theirs)
+        theirs.close()
+        self.children.add(pid)
+        return pid, ours
 
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            if self.spare is not None and self.spare[0] == pid:
+                self.spare[1].close()
+                self.spare = None
+            else:
+                self.ctl.sendall(_frame(0, pid, status))
 
-def _zygote_request(ctl: socket.socket, children: set[int], wake: tuple[int, int]) -> bool:
-    """Read one request [id, modules] with the worker's socket attached; fork; False at EOF."""
-    header, fds, _, _ = socket.recv_fds(ctl, 4, 1, socket.MSG_WAITALL)
-    if len(header) < 4:
-        return False
-    body = _frame_recv_exact(ctl, _FRAME_HEADER.unpack(header)[0])
-    if body is None or not fds:
-        return False
-    request_id, modules = _cbor_loads(body, untrusted=False)
-    try:
-        for name in modules:  # the host only names modules it imported or allows itself
-            if name not in sys.modules:
+    def request(self) -> bool:
+        """Read one request [id, modules] with the worker's socket attached; False at EOF."""
+        header, fds, _, _ = socket.recv_fds(self.ctl, 4, 1, socket.MSG_WAITALL)
+        if len(header) < 4:
+            return False
+        body = _frame_recv_exact(self.ctl, _FRAME_HEADER.unpack(header)[0])
+        if body is None or not fds:
+            return False
+        request_id, modules = _cbor_loads(body, untrusted=False)
+        try:
+            fresh = [name for name in modules if name not in sys.modules]
+            for name in fresh:  # the host only names modules it imported or allows itself
                 importlib.import_module(name)
-    except Exception as exc:
+        except Exception as exc:
+            os.close(fds[0])
+            self.ctl.sendall(_frame(request_id, 0, f"cannot import {name!r} in the fork server: {exc}"))
+            return True
+        if fresh and self.spare is not None:  # forked before those imports: it would import them again
+            self.retire_spare()
+        if self.spare is not None:
+            pid, channel = self.spare
+            self.spare = None
+            socket.send_fds(channel, [b"s"], [fds[0]])
+            channel.close()
+        else:
+            pid, channel = self.fork(fds[0])
+            channel.close()
         os.close(fds[0])
-        ctl.sendall(_frame(request_id, 0, f"cannot import {name!r} in the fork server: {exc}"))
+        self.ctl.sendall(_frame(request_id, pid, None))
         return True
-    pid = os.fork()
-    if pid == 0:
-        ctl.close()
-        for fd in wake:
-            os.close(fd)
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        _worker_main(socket.socket(fileno=fds[0]))
-    os.close(fds[0])
-    children.add(pid)
-    ctl.sendall(_frame(request_id, pid, None))
-    return True
+
+    def retire_spare(self) -> None:
+        assert self.spare is not None
+        pid, channel = self.spare
+        self.spare = None
+        channel.close()  # it sees the end of its channel and exits
+        self.children.add(pid)  # reaped like any child, but not reported
 
 
 def _zygote_spawned(fd: int) -> None:
     """Entry of a fork server started as a fresh interpreter (when the host process had threads)."""
-    _zygote_serve(socket.socket(fileno=fd), forked=False)
+    _Zygote(socket.socket(fileno=fd)).serve(forked=False)
 
 
 class _ForkServer:
@@ -4870,7 +4974,7 @@ class _ForkServer:
             self.pid = os.fork()
             if self.pid == 0:
                 ours.close()
-                _zygote_serve(theirs, forked=True)
+                _Zygote(theirs).serve(forked=True)
         else:
             self.pid = self._spawn(theirs)
         theirs.close()
@@ -4966,6 +5070,8 @@ class _Worker:
         self.error: PagletError | None = None
         self.buffer = _FrameBuffer()
         self.send_lock = threading.Lock()
+        self.booted: Future[Any] = Future()
+        self.started: Future[int] = Future()
         self.handled = 0
         self.last_used = time.monotonic()
         self.memory_limit: int | None = None
@@ -5020,8 +5126,12 @@ class _Worker:
 
     def step(self, step: str, args: Any, timeout: float) -> tuple[Any, Any]:
         """Run one lifecycle step (the caller holds the mailbox); returns (value, state)."""
+        return self.step_result(self.call(_F_HOOK, step, args), step, timeout)
+
+    def step_result(self, future: Future[Any], step: str, timeout: float) -> tuple[Any, Any]:
+        """The (value, state) of a lifecycle step sent earlier."""
         try:
-            ok, value, state = self.call(_F_HOOK, step, args).result(timeout)
+            ok, value, state = future.result(timeout)
         except TimeoutError:
             raise LifecycleError(f"paglet {self.agent_id!r}: {step} did not finish within {timeout} s") from None
         if not ok:
@@ -5089,10 +5199,12 @@ class _Worker:
             if not future.done():
                 future.set_exception(error)
 
-    def end(self, grace: float, ask: bool = True) -> None:
+    def end(self, grace: float, ask: bool = True, wait: bool = True) -> None:
         """Ask the worker to end (or wait for it to); kill it if it is still there after ``grace`` s."""
         if ask:
             self._send(_frame(_F_EXIT, 0))
+        if not wait:
+            return
         with self.cond:
             self.cond.wait_for(lambda: not self.alive, grace)
         if self.alive:
@@ -6220,19 +6332,23 @@ class Host:
         finally:
             theirs.close()
         self._hub.add(worker)
-        booted = worker.call(_F_BOOT, boot)  # after the fork request: a big state does not fit in the socket buffer
+        worker.booted = worker.call(_F_BOOT, boot)  # after the fork request: a big state does not fit in the socket buffer
+        worker.started = started
+        return worker
+
+    def _check_boot(self, worker: _Worker, cls: type) -> None:
+        """Wait for the worker's pid and its answer to BOOT; a failure ends it with a clear error."""
         try:
-            worker.pid = started.result(self.config.hook_timeout)
-            ok, value, _ = booted.result(self.config.hook_timeout)
+            worker.pid = worker.started.result(self.config.hook_timeout)
+            ok, value, _ = worker.booted.result(self.config.hook_timeout)
         except BaseException as exc:
             worker.kill()
-            worker.lost(LifecycleError(f"worker of {agent_id!r} did not start: {exc}"))
-            raise LifecycleError(f"the worker of {agent_id!r} did not start: {exc}") from exc
+            worker.lost(LifecycleError(f"worker of {worker.agent_id!r} did not start: {exc}"))
+            raise LifecycleError(f"the worker of {worker.agent_id!r} did not start: {exc}") from exc
         if not ok:
             error = _error_from_wire(value)
             worker.lost(LifecycleError(str(error)))
             raise LifecycleError(f"cannot build {cls.__qualname__} in its worker: {type(error).__name__}: {error}") from error
-        return worker
 
     def _start(
         self, cls: type[Paglet[Any]], agent_id: str, state: bytes | None, step: str, event: Any, meta: dict[str, Any], epoch: int,
@@ -6248,9 +6364,14 @@ class Host:
         with self._lock:
             self._starting[agent_id] = live  # the hook may already subscribe or register files
         try:
-            _, checkpoint = worker.step(step, event, self.config.hook_timeout)
+            hooked = worker.call(_F_HOOK, step, event)  # right behind BOOT: one round trip for both
+            self._check_boot(worker, cls)
+            _, checkpoint = worker.step_result(hooked, step, self.config.hook_timeout)
             row = _AgentRow(agent_id, worker.agent_class, "active", checkpoint, 0, meta=live.meta, epoch=epoch)
-            self._store.put_agent(row)
+            if state is not None and checkpoint == state and step != "creation":
+                self._store.set_active(row)  # the hook left the stored state as it was: no rewrite of a big blob
+            else:
+                self._store.put_agent(row)
             if before_publish is not None:
                 before_publish(live)
         except BaseException:
@@ -6273,10 +6394,8 @@ class Host:
         with self._lock:
             if self._live.get(live.worker.agent_id) is live:
                 del self._live[live.worker.agent_id]
-        if ask:
-            live.worker.end(grace)
-        else:
-            self._pool.submit(live.worker.end, self.config.hook_timeout, False)
+        live.worker.end(grace, ask, wait=False)  # EXIT goes now; waiting (and killing) in the background
+        self._in_pool(live.worker.end, grace if ask else self.config.hook_timeout, False)
 
     def _on_lost(self, worker: _Worker) -> None:
         """The hub saw a worker's socket close; find out why on a pool thread."""
@@ -8172,8 +8291,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-if __name__ == "__main__":  # pragma: no cover
-    import paglets  # run as `paglets`, not `__main__`, so classes have one identity
-
-    raise SystemExit(paglets.main())

@@ -108,9 +108,9 @@ def test_older_schema_is_upgraded_in_place_and_keeps_its_data(make_host: HostFac
     conn.execute(paglets._STORE_MIGRATIONS[0])
     conn.execute("PRAGMA user_version=1")
     conn.execute(f"ATTACH DATABASE '{tmp_path / 'source' / DB}' AS src")
-    conn.execute(
-        "INSERT INTO agents SELECT agent_id, agent_class, status, state, state_version, policy, request, reason,"
-        " activate_at, activate_on_startup, meta, updated_at FROM src.agents"
+    conn.execute(  # in schema 1 a paglet's state lived in its agents row (later schemas keep it apart)
+        "INSERT INTO agents SELECT a.agent_id, agent_class, status, s.state, coalesce(s.version, 0), policy, request, reason,"
+        " activate_at, activate_on_startup, meta, updated_at FROM src.agents a LEFT JOIN src.states s ON s.agent_id = a.agent_id"
     )
     conn.execute("INSERT INTO queue SELECT seq, agent_id, message, oneway, created_at FROM src.queue")
     conn.execute("INSERT INTO properties SELECT key, value FROM src.properties")
