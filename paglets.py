@@ -332,7 +332,7 @@ OFFLINE_AFTER = 20.0
 MESH_LOOKUP_TIMEOUT = 2.0
 #: Seconds a lazy resident service may idle before it is deactivated.
 RESIDENT_IDLE_TIMEOUT = 60.0
-#: Most HTTP connections served at once; more wait in the listen backlog.
+#: Most HTTP connections served at once; past it, a new connection waits up to 5 s, then is closed.
 MAX_CONNECTIONS = 128
 #: Seconds an idle keep-alive connection stays open on the server.
 KEEPALIVE_TIMEOUT = 30.0
@@ -645,9 +645,10 @@ def _check_url(url: Any) -> str:
     return text
 
 
-def _check_agent_id(agent_id: Any) -> str:
+def _check_agent_id(agent_id: Any, what: str = "agent") -> str:
+    """An id from outside (of a paglet, an artifact, a lease): letters, digits, ``_.-``, at most 128."""
     if not isinstance(agent_id, str) or not _AGENT_ID.fullmatch(agent_id):
-        raise InvalidAgentError(f"not a valid agent id: {str(agent_id)[:80]!r}")
+        raise InvalidAgentError(f"not a valid {what} id: {str(agent_id)[:80]!r}")
     return agent_id
 
 
@@ -2004,7 +2005,7 @@ class HostClient:
 
     def release_lease(self, host_url: str, lease_id: str) -> None:
         """POST /services/leases/<id>/release."""
-        self.call("POST", host_url, f"/services/leases/{_check_agent_id(lease_id)}/release", {})
+        self.call("POST", host_url, f"/services/leases/{_check_agent_id(lease_id, 'lease')}/release", {})
 
     def create(self, url: str, agent_class: type | str, state: Any = None, *, init: Any = None, agent_id: str | None = None) -> PagletProxy:
         """POST /agents: create a paglet of a class the host allows."""
@@ -2045,7 +2046,7 @@ class HostClient:
 
     def download_artifact(self, ref: ArtifactRef, target: Path | str, move: bool = False) -> ArtifactRef:
         """GET /artifacts/<id> into a file (via a temporary name), checking size and SHA-256."""
-        response = self.open("GET", ref.host_url, f"/artifacts/{_check_agent_id(ref.artifact_id)}", timeout=CALL_TIMEOUT)
+        response = self.open("GET", ref.host_url, f"/artifacts/{_check_agent_id(ref.artifact_id, 'artifact')}", timeout=CALL_TIMEOUT)
         if response.status >= 400:
             self._decode(response, response.read(), ref.host_url, "/artifacts")
         try:
@@ -2059,7 +2060,7 @@ class HostClient:
 
     def delete_artifact(self, ref: ArtifactRef) -> None:
         """DELETE /artifacts/<id>."""
-        self.call("DELETE", ref.host_url, f"/artifacts/{_check_agent_id(ref.artifact_id)}")
+        self.call("DELETE", ref.host_url, f"/artifacts/{_check_agent_id(ref.artifact_id, 'artifact')}")
 
     def artifacts(self, url: str, sha256: str | None = None) -> list[ArtifactRef]:
         """GET /artifacts: complete artifacts of a host (optionally with one SHA-256)."""
@@ -2622,11 +2623,11 @@ class PagletContext:
         return self._host.wait_for_host(name_or_url, timeout)
 
     # -- messages ---------------------------------------------------------------------------
-    def send(self, agent_id: str, message: Message | str, host_url: str | None = None) -> Any:
+    def send(self, agent_id: str, message: Message | str, host_url: str | None = None, timeout: float | None = None) -> Any:
         """Send a message to a paglet here or on another host and wait for the reply."""
         msg = _as_message(message)
         msg.sender = msg.sender or self._host.address
-        return self._host.send_message(host_url or self._host.address, agent_id, msg)
+        return self._host.send_message(host_url or self._host.address, agent_id, msg, timeout=timeout)
 
     def multicast(self, kind: str | Message, args: dict[str, Any] | None = None, exclude: Iterable[str] = ()) -> ReplySet:
         """Send to every paglet here subscribed to the kind; replies arrive in the ReplySet."""
@@ -2929,7 +2930,11 @@ class Paglet(Generic[_StateT]):
 
     # -- movement and lifecycle from inside ----------------------------------------------------
     def dispatch(self, target: str | TransferTicket) -> PagletProxy:
-        """Move to another host.  From a handler or run(), the move happens when the handler returns."""
+        """Move to another host; returns the proxy there once it has arrived (TransferError if not).
+
+        The state that travels is the state at this call; code after it still runs here (return
+        soon).  Called from on_arrival or another start-up hook, the move happens right after it.
+        """
         return self.context.dispatch(self.agent_id, target)
 
     def clone(self, target: str | TransferTicket | None = None) -> PagletProxy:
@@ -2947,12 +2952,12 @@ class Paglet(Generic[_StateT]):
     def deactivate(
         self, reason: str = "deactivate", policy: DeactivationPolicy | None = None, metadata: dict[str, Any] | None = None
     ) -> PagletProxy:
-        """Go to sleep on disk; happens when the current handler returns."""
+        """Go to sleep on disk with the state as it is now; this worker ends once the handler returns."""
         request = DeactivationRequest(reason=reason, source="self", policy=policy, metadata=dict(metadata or {}))
         return self.context.deactivate(self.agent_id, request)
 
     def dispose(self) -> None:
-        """End for good; happens when the current handler returns."""
+        """End for good (on_disposing runs now); this worker ends once the handler returns."""
         self.context.dispose(self.agent_id)
 
     def snapshot(self) -> None:
@@ -2960,9 +2965,9 @@ class Paglet(Generic[_StateT]):
         self.context._host.snapshot(self.agent_id)
 
     # -- messages and services from inside -------------------------------------------------------
-    def send(self, agent_id: str, message: Message | str, host_url: str | None = None) -> Any:
+    def send(self, agent_id: str, message: Message | str, host_url: str | None = None, timeout: float | None = None) -> Any:
         """Send to another paglet and wait for its reply."""
-        return self.context.send(agent_id, message, host_url)
+        return self.context.send(agent_id, message, host_url, timeout)
 
     def multicast(self, kind: str | Message, args: dict[str, Any] | None = None, include_self: bool = True) -> ReplySet:
         """Multicast to this host's subscribers of the kind."""
@@ -3356,8 +3361,6 @@ _STORE_MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-_STORE_ERRORS = (apsw.Error,)
-
 
 @dataclasses.dataclass(slots=True)
 class _AgentRow:
@@ -3665,12 +3668,6 @@ class _Store:
         found = self.rows("SELECT event_id, body FROM events WHERE event_id>? ORDER BY event_id LIMIT ?", (since, limit))
         return [(r[0], _store_unblob(r[1])) for r in found]
 
-    def trim_events(self) -> None:
-        """Keep only the newest ``event_capacity`` events."""
-        with self.write() as conn:
-            top = next(iter(conn.execute("SELECT coalesce(max(event_id), 0) FROM events")))[0]
-            conn.execute("DELETE FROM events WHERE event_id<=?", (top - self.event_capacity,))
-
     # -- properties and peers -----------------------------------------------------------------------
     def properties(self) -> dict[str, Any]:
         """Every host property."""
@@ -3801,10 +3798,10 @@ class _Store:
             else:
                 conn.execute("UPDATE agents SET status='active', updated_at=? WHERE agent_id=? AND status='departing'", (time.time(), agent_id))
 
-    def open_departures(self) -> list[tuple[str, str, str, str]]:
-        """Transfers this host started and never heard the end of: (tid, agent_id, peer, kind)."""
-        found = self.rows("SELECT tid, agent_id, peer_url, body FROM transfers WHERE direction='out' AND status='departing'")
-        return [(r[0], r[1], r[2], (_store_unblob(r[3]) or {}).get("kind", "dispatch")) for r in found]
+    def open_departures(self) -> list[tuple[str, str, str, str, int]]:
+        """Transfers this host started and never heard the end of: (tid, agent_id, peer, kind, epoch)."""
+        found = self.rows("SELECT tid, agent_id, peer_url, body, epoch FROM transfers WHERE direction='out' AND status='departing'")
+        return [(r[0], r[1], r[2], (_store_unblob(r[3]) or {}).get("kind", "dispatch"), r[4]) for r in found]
 
     def accept_arrival(self, tid: str, row: _AgentRow, peer: str) -> str:
         """Target, step 3, in one durable transaction keyed by ``tid``: "accepted" or "refused".
@@ -3832,12 +3829,19 @@ class _Store:
             )
         return outcome
 
-    def abort_arrival(self, tid: str, agent_id: str, peer: str) -> str:
-        """Target, when the source gives up: "accepted" if it was, else a durable refusal."""
+    def abort_arrival(self, tid: str, agent_id: str, peer: str, epoch: int) -> str:
+        """Target, when the source gives up: "accepted" if it was, else a durable refusal.
+
+        The journal row may be gone (rows are forgotten after a week); the highest epoch seen for
+        the paglet is kept for ever, and an epoch at or above this transfer's means it arrived.
+        """
         with self.write(durable=True) as conn:
             seen = list(conn.execute("SELECT status FROM transfers WHERE tid=? AND direction='in'", (tid,)))
             if seen:
                 return str(seen[0][0])
+            top = list(conn.execute("SELECT epoch FROM epochs WHERE agent_id=?", (agent_id,)))
+            if epoch > 0 and top and top[0][0] >= epoch:
+                return "accepted"
             now = time.time()
             conn.execute(
                 "INSERT INTO transfers (tid, agent_id, direction, status, peer_url, epoch, body, created_at, updated_at)"
@@ -3952,6 +3956,15 @@ class _Files:
     def files_dir(self, agent_id: str) -> Path:
         """Where a paglet's registered files are kept on this host."""
         return self.files_root / _check_agent_id(agent_id)
+
+    def file_target(self, agent_id: str, name: str) -> Path:
+        """Where one registered file of a paglet lands; never outside its folder (names come from
+        other hosts)."""
+        folder = self.files_dir(agent_id)
+        target = folder / _safe_file_name(name)
+        if target.resolve().parent != folder.resolve():
+            raise ForbiddenError(f"file name {name!r} leaves the paglet's folder")
+        return target
 
     def register(self, agent_id: str, source: Path, name: str | None, mode: str, host_url: str) -> PagletFileRef:
         """Describe a file a paglet will carry; it stays where it is until the paglet moves.
@@ -4509,10 +4522,16 @@ def _worker_handle(rt: _WorkerRuntime, call_id: int, wire: Any, oneway: bool, ch
 
 
 def _worker_peek(rt: _WorkerRuntime, frame: list[Any]) -> None:
-    try:
-        rt.send(_F_REPLY, frame[1], True, rt.state_blob(), None, False)
-    except Exception as exc:
-        rt.send(_F_REPLY, frame[1], False, _frame_error(exc), None, False)
+    """The state now, on a thread of its own: it waits for the state lock, the reader must not."""
+
+    def peek() -> None:
+        try:
+            blob = rt.state_blob()
+            rt.send(_F_REPLY, frame[1], True, [blob, rt.state_version], None, False)
+        except Exception as exc:
+            rt.send(_F_REPLY, frame[1], False, _frame_error(exc), None, False)
+
+    threading.Thread(target=peek, name="paglet-peek", daemon=True).start()
 
 
 def _worker_exit(rt: _WorkerRuntime, frame: list[Any]) -> None:
@@ -4597,7 +4616,6 @@ _WORKER_STEPS: dict[str, Callable[[_WorkerRuntime, Any], Any]] = {
     "cloned": _step_hook("on_cloned", CloneEvent),
     "disposing": _step_hook("on_disposing", PersistencyEvent),
     "deactivating": _step_deactivating,
-    "state": lambda rt, args: None,
 }
 
 
@@ -4640,7 +4658,9 @@ class _WorkerStub:
             and self._rt.mailbox.holds() and message.priority != UNQUEUED_PRIORITY
         ):  # fmt: skip
             raise LifecycleError("a handler cannot wait for its own reply; use send_oneway or UNQUEUED_PRIORITY")
-        return self._decode(self._rt.request("send", host_url, agent_id, message.to_wire(), oneway, timeout))
+        wait = CALL_TIMEOUT if timeout is None else timeout  # a cycle of paglets waiting on each other ends
+        tree = self._rt.request("send", host_url, agent_id, message.to_wire(), oneway, wait, timeout=wait + 5.0)
+        return self._decode(tree)
 
     def send_future(self, host_url: str, agent_id: str, message: Message, *, timeout: float | None = None) -> FutureReply:
         future: Future[Any] = Future()
@@ -5069,6 +5089,8 @@ class _ForkServer:
                 with self._cond:
                     if request_id == 0:
                         self._exits[pid] = error
+                        while len(self._exits) > 1024:  # statuses nobody asked for (a worker ended by its host)
+                            del self._exits[next(iter(self._exits))]
                         self._cond.notify_all()
                         continue
                     future = self._starts.pop(request_id, None)
@@ -5120,6 +5142,10 @@ def _describe_exit(status: int | None) -> str:
     return f"its worker process exited with status {os.WEXITSTATUS(status)}"
 
 
+class _WorkerLeaving(LifecycleError):
+    """The worker's paglet is being deactivated, moved or disposed: route the message anew."""
+
+
 class _Worker:
     """The host's handle on one worker: socket, message queue (by priority), calls in flight."""
 
@@ -5135,6 +5161,8 @@ class _Worker:
         self.ready = True
         self.holds = 0
         self.alive = True
+        #: Set when the paglet's unsent messages were taken away: no new ones are accepted.
+        self.leaving = False
         self.error: PagletError | None = None
         self.buffer = _FrameBuffer()
         self.send_lock = threading.Lock()
@@ -5169,6 +5197,8 @@ class _Worker:
         future = _Call()
         priority = message.get("priority", NORMAL_PRIORITY)
         with self.cond:
+            if self.leaving:
+                raise _WorkerLeaving(f"paglet {self.agent_id!r} is leaving this worker")
             self._check_alive()
             call_id = next(self.ids)
             self.calls[call_id] = future
@@ -5243,15 +5273,20 @@ class _Worker:
                 raise LifecycleError(f"paglet {self.agent_id!r} is busy: its handler ran longer than {timeout} s")
             yield
         finally:
-            with self.cond:
-                self.holds -= 1
-                send = self._next_frame()
-            if send is not None:
-                self._send(send)
+            self.release_hold()
+
+    def release_hold(self) -> None:
+        """End one hold (a lifecycle step is over): messages flow again."""
+        with self.cond:
+            self.holds = max(0, self.holds - 1)
+            send = self._next_frame()
+        if send is not None:
+            self._send(send)
 
     def take_queue(self) -> list[tuple[dict[str, Any], bool, _Call]]:
         """Remove the messages not yet sent (for a paglet that leaves): (message, oneway, future)."""
         with self.cond:
+            self.leaving = True
             queued, self.queue = sorted(self.queue, key=lambda item: item[:2]), []
             return [(message, oneway, self.calls.pop(call_id)) for _, _, _, call_id, message, oneway in queued]
 
@@ -5263,6 +5298,8 @@ class _Worker:
             self.alive, self.error = False, error
             calls, self.calls, self.queue = self.calls, {}, []
             self.cond.notify_all()
+        with contextlib.suppress(OSError):
+            self.sock.close()
         for future in calls.values():
             if not future.done():
                 future.set_exception(error)
@@ -5333,6 +5370,8 @@ class _WorkerHub:
             self._wake_w.send(b"x")
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(5)
+        self._wake_r.close()
+        self._wake_w.close()
 
     def _loop(self) -> None:
         while self._running:
@@ -5435,9 +5474,10 @@ class MeshRegistry:
             if ref is not None and ref.online:
                 return ref
             if ref is None and ("://" in name_or_url or ":" in name_or_url):
-                with contextlib.suppress(PagletError):
-                    self.join(_normalize_url(name_or_url), timeout=max(0.2, min(2.0, deadline - time.monotonic())))
-                    continue
+                with contextlib.suppress(PagletError):  # a host that calls itself by another URL answers here
+                    joined = self.join(_normalize_url(name_or_url), timeout=max(0.2, min(2.0, deadline - time.monotonic())))
+                    if joined.online:
+                        return joined
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise HostError(f"host {name_or_url!r} did not come online within {timeout} s")
@@ -5510,13 +5550,6 @@ class MeshRegistry:
         for url in urls:
             with contextlib.suppress(RemoteHostError):
                 self.join(url, timeout=min(self.config.gossip_interval, 3.0))
-
-    def mark_offline(self, url: str, error: str) -> None:
-        """A call to a host failed for a reason that says it is down."""
-        with self._lock:
-            known = self._refs.get(url)
-            if known is not None:
-                self._refs[url] = dataclasses.replace(known, online=False, error=error[:200])
 
     # -- movement targets -----------------------------------------------------------------------
     def check_target(self, url: str, ticket: TransferTicket) -> HostRef:
@@ -5655,7 +5688,7 @@ def _route_lease(host: Host, request: Any) -> tuple[int, Any]:
 
 
 def _route_lease_release(host: Host, request: Any, lease_id: str) -> tuple[int, Any]:
-    host.release_lease(host.address, _check_agent_id(lease_id))
+    host.release_lease(host.address, _check_agent_id(lease_id, "lease"))
     return 200, {"released": True}
 
 
@@ -5757,17 +5790,17 @@ def _route_artifacts(host: Host, request: Any) -> tuple[int, Any]:
 
 
 def _route_artifact(host: Host, request: Any, artifact_id: str) -> Any:
-    ref = host._artifacts.ref(_check_agent_id(artifact_id))
+    ref = host._artifacts.ref(_check_agent_id(artifact_id, "artifact"))
     headers = {"Content-Type": "application/octet-stream", "Content-Length": str(ref.size), "X-Paglets-Sha256": ref.sha256}
     return bottle.HTTPResponse(host._artifacts.chunks(ref.artifact_id), 200, **headers)
 
 
 def _route_artifact_metadata(host: Host, request: Any, artifact_id: str) -> tuple[int, Any]:
-    return 200, {"artifact": host._artifacts.ref(_check_agent_id(artifact_id)).to_wire()}
+    return 200, {"artifact": host._artifacts.ref(_check_agent_id(artifact_id, "artifact")).to_wire()}
 
 
 def _route_artifact_delete(host: Host, request: Any, artifact_id: str) -> tuple[int, Any]:
-    host._artifacts.delete(_check_agent_id(artifact_id))
+    host._artifacts.delete(_check_agent_id(artifact_id, "artifact"))
     return 200, {"deleted": True}
 
 
@@ -5777,7 +5810,7 @@ def _route_transfer(host: Host, request: Any) -> tuple[int, Any]:
 
 def _route_transfer_abort(host: Host, request: Any, tid: str) -> tuple[int, Any]:
     body = _http_map(_http_decode(request, host.config.max_body_bytes), "agent_id", "source_url")
-    return 200, {"status": host.abort_transfer(tid, body["agent_id"], str(body["source_url"]))}
+    return 200, {"status": host.abort_transfer(tid, body["agent_id"], str(body["source_url"]), body.get("epoch", 0))}
 
 
 #: The remote API: (method, path, handler, needs auth).
@@ -5897,6 +5930,8 @@ class _HttpHandler(http.server.BaseHTTPRequestHandler):
         if lengths and not _CONTENT_LENGTH.fullmatch(lengths[0]):
             self.send_error(400, "bad Content-Length")
             return
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True  # its body is not read: the next bytes are not a request
         self._run_app()
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
@@ -6097,6 +6132,8 @@ class _Live:
     leaving: bool = False
     #: Durably queued messages handled but not yet dropped from the queue, in handling order.
     handled: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
+    #: Calls of messages posted from the durable queue (they must not be queued a second time).
+    from_queue: set[Any] = dataclasses.field(default_factory=set)
     draining: bool = False
 
 
@@ -6243,8 +6280,7 @@ class Host:
         with self._lock:
             agent_ids = list(self._live)
         jobs = [self._pool.submit(self._deactivate_for_shutdown, agent_id, request) for agent_id in agent_ids]
-        for job in jobs:
-            job.exception()
+        concurrent.futures.wait(jobs, timeout=self.config.hook_timeout + self.config.stop_grace + 5.0)
         self.stop()
 
     def __enter__(self) -> Host:
@@ -6320,16 +6356,20 @@ class Host:
         return _cbor_loads(self._state_blob(agent_id), untrusted=False)
 
     def _state_blob(self, agent_id: str) -> bytes:
+        return self._peek(agent_id)[0]
+
+    def _peek(self, agent_id: str) -> tuple[bytes, int]:
+        """(state blob, its version in the worker's count); a stored paglet's state has version 0."""
         live = self._live.get(agent_id)
         if live is not None:
             ok, value, _ = live.worker.call(_F_PEEK).result(self.config.hook_timeout)
             if not ok:
                 raise _error_from_wire(value)
-            return bytes(value)
+            return bytes(value[0]), int(value[1])
         row = self._store.agent(_check_agent_id(agent_id))
         if row is None or row.status not in ("inactive", "active", "crashed", "arriving") or row.state is None:
             raise InvalidAgentError(f"no paglet {agent_id!r} on {self.name}")
-        return row.state
+        return row.state, 0
 
     def list_agents(self, state: str = "active") -> list[dict[str, Any]]:
         """Info maps of this host's paglets: "active", "inactive" or "all"."""
@@ -6524,6 +6564,7 @@ class Host:
         agent_id = live.worker.agent_id
         for seq, blob, oneway in self._store.queued(agent_id, limit=1_000_000):
             future = live.worker.post(_cbor_loads(blob, untrusted=False), oneway, True)
+            live.from_queue.add(future)
             future.add_done_callback(functools.partial(self._dequeued, live, seq))
 
     def _in_pool(self, work: Callable[..., Any], *args: Any) -> None:
@@ -6533,6 +6574,7 @@ class Host:
 
     def _dequeued(self, live: _Live, seq: int, future: _Call) -> None:
         """On the hub thread, in handling order: note the message; one drain at a time writes them."""
+        live.from_queue.discard(future)
         if future.exception() is not None:
             return
         with self._lock:
@@ -6586,9 +6628,14 @@ class Host:
         self._emit("deactivated", agent_id, live.worker.agent_class, data={"reason": request.reason})
 
     def _requeue(self, live: _Live, policy: DeactivationPolicy) -> None:
-        """Messages that were waiting for a leaving worker go to the durable queue (or fail fast)."""
+        """Messages that were waiting for a leaving worker go to the durable queue (or fail fast).
+
+        Those that came from the durable queue are still in it: they stay where they are.
+        """
         for message, oneway, future in live.worker.take_queue():
-            if policy.queue_messages_when_inactive:
+            if future in live.from_queue:
+                future.set_exception(PagletInactiveError("back to the durable queue"))  # _dequeued leaves its row
+            elif policy.queue_messages_when_inactive:
                 self._store.enqueue(live.worker.agent_id, _cbor_dumps(message), oneway)
                 future.set_result((True, None if oneway else {"queued": True, "message_id": message.get("message_id")}, None))
             else:
@@ -6645,7 +6692,7 @@ class Host:
         """Store an active paglet's current state as its checkpoint."""
         live = self._require_live(agent_id)
         assert live is not None
-        self._store.checkpoint(agent_id, self._state_blob(agent_id), int(time.time() * 1e6))
+        self._store.checkpoint(agent_id, *self._peek(agent_id))  # the worker's own count: later checkpoints still win
 
     # ==== disposal ================================================================================
     def dispose(self, agent_id: str) -> None:
@@ -6690,23 +6737,31 @@ class Host:
     def deliver_tree(self, agent_id: str, message: Message, oneway: bool = False, timeout: float | None = None) -> Any:
         """Deliver and return the reply as a wire tree (not decoded)."""
         live = self._live.get(agent_id)
+        try:
+            return self._deliver_to(live, agent_id, message, oneway, timeout) if live else self._deliver_slow(agent_id, message, oneway, timeout)
+        except _WorkerLeaving:  # it was being deactivated or moved: route again, after that is done
+            return self._deliver_slow(agent_id, message, oneway, timeout)
+
+    def _deliver_slow(self, agent_id: str, message: Message, oneway: bool, timeout: float | None) -> Any:
+        """A paglet that is not running here: wake it, queue the message, forward it, or refuse."""
+        with self._agent_lock(_check_agent_id(agent_id)):  # waits for an activation handing over its queue
+            live = self._live.get(agent_id)
+            row = self._store.agent(agent_id) if live is None else None
+            forward = row.forward_url if row is not None and row.status == "gone" else None
+            if live is None and forward is None:
+                live = self._wake_for(agent_id, row, message, oneway)
+        if forward:
+            return self._forward(forward, agent_id, message.to_wire(), oneway, timeout)
         if live is None:
-            with self._agent_lock(_check_agent_id(agent_id)):  # against an activation handing over its queue
-                live = self._live.get(agent_id)
-                row = self._store.agent(agent_id) if live is None else None
-                forward = row.forward_url if row is not None and row.status == "gone" else None
-                if live is None and forward is None:
-                    live = self._wake_for(agent_id, row, message, oneway)
-            if forward:
-                return self._forward(forward, agent_id, message.to_wire(), oneway, timeout)
-            if live is None:
-                return None if oneway else {"queued": True, "message_id": message.message_id}
+            return None if oneway else {"queued": True, "message_id": message.message_id}
+        return self._deliver_to(live, agent_id, message, oneway, timeout)
+
+    def _deliver_to(self, live: _Live, agent_id: str, message: Message, oneway: bool, timeout: float | None) -> Any:
         checkpoint = live.cls.CHECKPOINT == "message"
         live.worker.last_used = time.monotonic()
         future = live.worker.post(message.to_wire(), oneway, checkpoint)
         if oneway:
-            if checkpoint:
-                future.add_done_callback(functools.partial(self._in_pool, self._checkpoint_done, agent_id))
+            future.add_done_callback(functools.partial(self._oneway_done, agent_id, message.kind))
             return None
         try:
             ok, value, state = future.result(timeout)
@@ -6719,12 +6774,21 @@ class Host:
             raise _error_from_wire(value)
         return value
 
-    def _checkpoint_done(self, agent_id: str, future: _Call) -> None:
-        if future.exception() is None:
-            _, _, state = future.result()
+    def _oneway_done(self, agent_id: str, kind: str, future: _Call) -> None:
+        """On the hub thread: a oneway message was handled; a checkpoint or an error goes to the pool."""
+        if future.exception() is None:  # a crash is reported by itself
+            ok, value, state = future.result()
+            if state is not None or not ok:
+                self._in_pool(self._oneway_after, agent_id, kind, ok, value, state)
+
+    def _oneway_after(self, agent_id: str, kind: str, ok: bool, value: Any, state: Any) -> None:
+        with contextlib.suppress(PagletError):
             if state is not None:
-                with contextlib.suppress(PagletError):
-                    self._store.checkpoint(agent_id, state[0], state[1])
+                self._store.checkpoint(agent_id, state[0], state[1])
+            if not ok:  # nobody waits for this reply: the error goes to the event log
+                error = value.get("message", "") if isinstance(value, dict) else str(value)
+                kind_of = value.get("error", "") if isinstance(value, dict) else ""
+                self._emit("message-failed", agent_id, data={"kind": kind}, error=f"{kind_of}: {error}")
 
     def _wake_for(self, agent_id: str, row: _AgentRow | None, message: Message, oneway: bool) -> _Live | None:
         """A message for a paglet that is not running: activate it, queue the message, or refuse."""
@@ -6812,7 +6876,11 @@ class Host:
         if live is None or live.cls.CHECKPOINT == "message":
             return FutureReply(self._pool.submit(self.deliver_message, agent_id, message, False, timeout))
         decoded: Future[Any] = Future()
-        live.worker.post(message.to_wire(), False, False).add_done_callback(functools.partial(self._decode_reply, decoded))
+        try:
+            call = live.worker.post(message.to_wire(), False, False)
+        except _WorkerLeaving:
+            return FutureReply(self._pool.submit(self.deliver_message, agent_id, message, False, timeout))
+        call.add_done_callback(functools.partial(self._decode_reply, decoded))
         return FutureReply(decoded)
 
     def _decode_reply(self, decoded: Future[Any], future: _Call) -> None:
@@ -6929,7 +6997,7 @@ class Host:
         copies = []
         for item in files:
             ref = PagletFileRef.from_wire(item)
-            target = self._files.files_dir(agent_id) / ref.name
+            target = self._files.file_target(agent_id, ref.name)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(ref.current_path, target)
             copies.append(dataclasses.replace(ref, current_path=str(target), mode="copy").to_wire())
@@ -6952,7 +7020,7 @@ class Host:
         return PagletProxy(target.url, agent_id, self)
 
     # ==== the exactly-once handoff ======================================================================
-    # 1. Source: the worker is held (no handler runs) and its state was captured by the hook.  Files
+    # 1. Source: no other message reaches the worker, and its state was captured with the hook.  Files
     #    go first, as artifacts addressed by SHA-256.  One durable commit marks the paglet DEPARTING
     #    with a new transfer id (tid) and epoch + 1; nothing is sent before that commit.
     # 2. The envelope goes to POST /transfers; a retry reuses the tid.
@@ -6978,7 +7046,7 @@ class Host:
         self._store.begin_departure(tid, agent_id, target.url, epoch, state, kind)
         outcome, error, unsent = self._send_envelope(target.url, envelope, ticket)
         if outcome is None:
-            outcome = self._ask_abort(target.url, tid, agent_id, unsent)
+            outcome = self._ask_abort(target.url, tid, agent_id, epoch, unsent)
         if outcome is None:
             self._emit("transfer-in-doubt", agent_id, live.worker.agent_class, error=str(error), data={"tid": tid, "to": target.url})
             if kind != "clone":
@@ -7021,10 +7089,11 @@ class Host:
                 error, unsent = exc, False
         return None, error, unsent
 
-    def _ask_abort(self, url: str, tid: str, agent_id: str, unsent: bool) -> str | None:
+    def _ask_abort(self, url: str, tid: str, agent_id: str, epoch: int, unsent: bool) -> str | None:
         """Step 5: "accepted" or "refused" as the target says; None when it cannot be asked."""
+        body = {"agent_id": agent_id, "source_url": self.address, "epoch": epoch}
         try:
-            tree = self.client.call("POST", url, f"/transfers/{tid}/abort", {"agent_id": agent_id, "source_url": self.address}, timeout=5.0)
+            tree = self.client.call("POST", url, f"/transfers/{tid}/abort", body, timeout=5.0)
             return str(tree["status"])
         except (PagletError, TimeoutError, KeyError, TypeError):
             return "refused" if unsent else None  # never sent: it cannot be there
@@ -7060,8 +7129,8 @@ class Host:
 
     def resolve_transfers(self) -> None:
         """Ask about every move that is still in doubt; a refused one runs here again."""
-        for tid, agent_id, url, kind in self._store.open_departures():
-            outcome = self._ask_abort(url, tid, agent_id, unsent=False)
+        for tid, agent_id, url, kind, epoch in self._store.open_departures():
+            outcome = self._ask_abort(url, tid, agent_id, epoch, unsent=False)
             if outcome is None:
                 continue
             self._store.end_departure(tid, outcome)
@@ -7099,12 +7168,20 @@ class Host:
         return outcome
 
     def _arrival_meta(self, env: dict[str, Any], agent_id: str, cls: type, source: str) -> dict[str, Any]:
-        given: dict[str, Any] = env["meta"] if isinstance(env.get("meta"), dict) else {}
-        subscriptions = [k for k in given.get("subscriptions", []) if isinstance(k, str)][:1000]
+        """What an envelope says besides the state, checked: it came from the network."""
+        given = env.get("meta") or {}
+        subscriptions, items = given.get("subscriptions", []) if isinstance(given, dict) else None, given.get("files", [])
+        if not isinstance(subscriptions, list) or not all(isinstance(k, str) for k in subscriptions) or not isinstance(items, list):
+            raise SerializationError("the envelope's meta must hold a list of subscriptions and a list of files")
         files = []
-        for item in given.get("files", [])[:1000]:
+        for item in items[:1000]:
+            if not isinstance(item, dict):
+                raise SerializationError("each travelling file must be a map")
             ref = PagletFileRef.from_wire({k: v for k, v in item.items() if k != "artifact_id"})
-            artifact = self._artifacts.ref(_check_agent_id(item.get("artifact_id")))
+            _safe_file_name(ref.name)
+            if ref.mode not in ("copy", "move"):
+                raise SerializationError(f"file {ref.name!r}: mode must be copy or move")
+            artifact = self._artifacts.ref(_check_agent_id(item.get("artifact_id"), "artifact"))
             if artifact.sha256 != ref.sha256:
                 raise RequestError(f"file {ref.name!r} of {agent_id!r} has not arrived intact", 409)
             files.append({**ref.to_wire(), "artifact_id": artifact.artifact_id})
@@ -7122,11 +7199,11 @@ class Host:
         step = "clone" if env["kind"] == "clone" else "arrival"
         return {"subscriptions": subscriptions, "files": files, "arrival": {"step": step, "event": event.to_wire()}}
 
-    def abort_transfer(self, tid: str, agent_id: str, source: str) -> str:
+    def abort_transfer(self, tid: str, agent_id: str, source: str, epoch: int = 0) -> str:
         """Step 5 on this host: "accepted" if the paglet arrived, else a durable refusal."""
-        if not _AGENT_ID.fullmatch(tid):
-            raise SerializationError("bad transfer id")
-        return self._store.abort_arrival(tid, _check_agent_id(agent_id), _normalize_url(source))
+        if not _AGENT_ID.fullmatch(tid) or type(epoch) is not int:
+            raise SerializationError("bad transfer id or epoch")
+        return self._store.abort_arrival(tid, _check_agent_id(agent_id), _normalize_url(source), epoch)
 
     def _arrive(self, agent_id: str) -> _Live:
         """Start a paglet that arrived: its files land first, then on_arrival / on_clone runs."""
@@ -7151,7 +7228,7 @@ class Host:
 
     def _land_file(self, agent_id: str, item: dict[str, Any]) -> dict[str, Any]:
         ref = PagletFileRef.from_wire({k: v for k, v in item.items() if k != "artifact_id"})
-        target = self._files.files_dir(agent_id) / ref.name
+        target = self._files.file_target(agent_id, ref.name)
         if "artifact_id" in item:
             with contextlib.suppress(_NoSuchArtifact):  # landed before a crash: the file is there already
                 self._artifacts.save(item["artifact_id"], target)
@@ -7505,17 +7582,57 @@ class Host:
             if handler is None:
                 raise LifecycleError(f"unknown context call {op!r}")
             result = handler(self, worker, *args)  # handlers answer with wire trees
+            if isinstance(result, (_Call, Future)):  # answered when that completes; no thread waits meanwhile
+                result.add_done_callback(functools.partial(self._answer_later, worker, call_id))
+                return
             reply = _frame(_F_REPLY, call_id, True, result, None, False)
         except BaseException as exc:
             reply = _frame(_F_REPLY, call_id, False, _frame_error(exc), None, False)
         if call_id:
             worker._send(reply)
 
+    def _answer_later(self, worker: _Worker, call_id: int, pending: Any) -> None:
+        error = pending.exception()
+        ok, value = (True, pending.result()) if error is None else (False, _frame_error(error))
+        if call_id:
+            worker._send(_frame(_F_REPLY, call_id, ok, value, None, False))
+
+    def deliver_pending(self, agent_id: str, message: Message, timeout: float | None) -> _Call | Future[Any]:
+        """A message to a paglet here, as something that completes with the reply tree.
+
+        A running paglet's reply completes it directly; anything slower (waking, a checkpoint to
+        store) runs on the pool.  So a paglet waiting for another holds no host thread.
+        """
+        live = self._live.get(agent_id)
+        if live is not None and live.cls.CHECKPOINT != "message":
+            try:
+                call = live.worker.post(message.to_wire(), False, False)
+            except _WorkerLeaving:
+                call = None
+            if call is not None:
+                live.worker.last_used = time.monotonic()
+                out = _Call()
+                call.add_done_callback(functools.partial(_reply_into, out))
+                return out
+        return self._pool.submit(self.deliver_tree, agent_id, message, False, timeout)
+
+
+def _reply_into(out: _Call, call: _Call) -> None:
+    """A worker's reply (ok, value, state) as the outcome of another call: the value or the error."""
+    error = call.exception()
+    if error is not None:
+        out.set_exception(error)
+        return
+    ok, value, _ = call.result()
+    out.set_result(value) if ok else out.set_exception(_error_from_wire(value))
+
 
 def _op_send(host: Host, worker: _Worker, url: str, agent_id: str, wire: Any, oneway: bool, timeout: float | None) -> Any:
     message = Message.from_wire(wire, host.resolve)
     if host.is_local_url(url):
-        return host.deliver_tree(agent_id, message, oneway=oneway, timeout=timeout)
+        if oneway:
+            return host.deliver_tree(agent_id, message, oneway=True, timeout=timeout)
+        return host.deliver_pending(agent_id, message, timeout)
     return _wire_encode(host.client.send_message(url, agent_id, message, oneway=oneway, timeout=timeout))
 
 
@@ -7604,22 +7721,14 @@ def _op_complete_move(kind: str) -> Callable[..., Any]:
                 host._depart(live, target.url, ask=False)
                 return PagletProxyRef(target.url, worker.agent_id).to_wire()
         finally:
-            with worker.cond:
-                worker.holds -= 1
-                send = worker._next_frame()
-            if send is not None:
-                worker._send(send)
+            worker.release_hold()
 
     return complete
 
 
 def _op_abort_plan(host: Host, worker: _Worker) -> None:
     """A paglet vetoed its own move (its hook raised): messages flow again."""
-    with worker.cond:
-        worker.holds = max(0, worker.holds - 1)
-        send = worker._next_frame()
-    if send is not None:
-        worker._send(send)
+    worker.release_hold()
 
 
 def _op_upload_artifact(host: Host, worker: _Worker, path: str, url: str | None, meta: Any) -> Any:
