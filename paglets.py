@@ -7933,15 +7933,75 @@ def _demo(out: Callable[[str], Any] = print, timeout: float = 30.0) -> int:
 @dataclasses.dataclass
 class _BenchState(PagletState):
     blob: bytes = b""
+    count: int = 0
 
 
 class _BenchPaglet(Paglet[_BenchState]):
-    """The benchmark's paglet: answers "ping" with the size of its state."""
+    """The benchmark's paglet: answers "ping" with the size of its state; "add" counts."""
 
     State = _BenchState
 
     def handle_message(self, message: Message) -> Any:
+        if message.kind == "add":
+            self.state.count += 1
+            return self.state.count
         return len(self.state.blob) if message.kind == "ping" else self.not_handled()
+
+
+class _BenchCheckpointed(_BenchPaglet):
+    """The same, storing its state after every message before it replies."""
+
+    CHECKPOINT = "message"
+
+
+def _bench_rate(run: Callable[[], Any], seconds: float) -> float:
+    """How many ``run()`` per second, one after another, for about ``seconds``."""
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        run()
+        count += 1
+    return count / (time.perf_counter() - started)
+
+
+def _bench_concurrent(make: Callable[[], Callable[[], Any]], clients: int, seconds: float) -> float:
+    """Calls per second from ``clients`` threads at once (each with its own client)."""
+    counts = [0] * clients
+    stop = threading.Event()
+
+    def client(index: int) -> None:
+        run = make()
+        while not stop.is_set():
+            run()
+            counts[index] += 1
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    stop.wait(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def _bench_artifacts(url: str, size_mib: int) -> tuple[float, float]:
+    """(upload, download) MiB/s of one artifact of ``size_mib`` MiB over loopback HTTP."""
+    client = HostClient()
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "blob"
+        with open(source, "wb") as handle:
+            for _ in range(size_mib):
+                handle.write(os.urandom(1 << 20))
+        started = time.perf_counter()
+        ref = client.upload_artifact(source, host_url=url)
+        upload = size_mib / (time.perf_counter() - started)
+        started = time.perf_counter()
+        client.download_artifact(ref, Path(folder) / "copy")
+        download = size_mib / (time.perf_counter() - started)
+        client.delete_artifact(ref)
+    client.close()
+    return upload, download
 
 
 def _bench_median(run: Callable[[], Any], repeat: int, warmup: int = 3) -> float:
@@ -8118,6 +8178,16 @@ def _bench(quick: bool = False) -> dict[str, Any]:
             sleeper.send("ping")
 
         figures["deactivate_activate_ms"] = _bench_median(nap, 5 if quick else 30) * 1e3
+        seconds = 0.5 if quick else 2.0
+        plain, stored = a.create(_BenchPaglet), a.create(_BenchCheckpointed)
+        figures["plain_msgs_per_s"] = _bench_rate(lambda: plain.send("add"), seconds)
+        figures["checkpointed_msgs_per_s"] = _bench_rate(lambda: stored.send("add"), seconds)
+        target = proxy.agent_id
+        figures["health_rps_8"] = _bench_concurrent(lambda: functools.partial(HostClient().health, a.address), 8, seconds)
+        figures["remote_msg_rps_8"] = _bench_concurrent(
+            lambda: functools.partial(PagletProxy(a.address, target, HostClient()).send, "ping"), 8, seconds
+        )  # fmt: skip
+        figures["artifact_upload_mib_s"], figures["artifact_download_mib_s"] = _bench_artifacts(a.address, 8 if quick else 64)
         figures["idle_uss_mib"], figures["idle_rss_mib"] = _bench_memory(a, 5 if quick else 20)
         figures["scaling"] = _bench_scaling(a, (10, 50) if quick else (10, 100, 250, 500))
     figures["host_start_inprocess_ms"] = _bench_start_inprocess(3 if quick else 10) * 1e3
@@ -8134,6 +8204,12 @@ _BENCH_ROWS: tuple[tuple[str, str, str, float | None, str | None], ...] = (
     ("dispatch_hop_ms", "dispatch hop + first reply", "ms", 15.0, None),
     ("dispatch_hop_1mib_ms", "dispatch hop, 1 MiB state", "ms", 40.0, None),
     ("deactivate_activate_ms", "deactivate + activate + reply", "ms", 10.0, None),
+    ("plain_msgs_per_s", "messages per second, one after another", "/s", None, None),
+    ("checkpointed_msgs_per_s", "the same with CHECKPOINT = message", "/s", None, None),
+    ("health_rps_8", "GET /health per second, 8 clients", "/s", None, None),
+    ("remote_msg_rps_8", "remote messages per second, 8 clients", "/s", None, None),
+    ("artifact_upload_mib_s", "artifact upload (loopback)", "MiB/s", None, None),
+    ("artifact_download_mib_s", "artifact download (loopback)", "MiB/s", None, None),
     ("idle_uss_mib", "idle paglet memory (USS)", "MiB", 3.0, None),
     ("idle_rss_mib", "idle paglet memory (RSS)", "MiB", None, None),
     ("host_start_health_ms", "serve: exec to /health 200", "ms", 300.0, None),
@@ -8143,13 +8219,13 @@ _BENCH_ROWS: tuple[tuple[str, str, str, float | None, str | None], ...] = (
 
 def _bench_report(figures: dict[str, Any]) -> list[str]:
     """The bench table: figure, ours, floor, ratio to the floor, SPEC target."""
-    lines = [f"{'figure':<38}{'ours':>12}{'floor':>12}{'ratio':>8}{'target':>10}"]
+    lines = [f"{'figure':<48}{'ours':>10}{'floor':>10}{'ratio':>8}{'target':>10}"]
     for key, label, unit, target, floor_key in _BENCH_ROWS:
         ours, floor = figures.get(key), figures.get(floor_key) if floor_key else None
         ratio = f"{ours / floor:.1f}x" if ours and floor else "-"
         shown_floor = f"{floor:.1f}" if floor else "-"
         aim = f"<= {target:g}" if target else "-"
-        lines.append(f"{label + ' (' + unit + ')':<38}{ours:>12.1f}{shown_floor:>12}{ratio:>8}{aim:>10}")
+        lines.append(f"{label + ' (' + unit + ')':<48}{ours:>10.1f}{shown_floor:>10}{ratio:>8}{aim:>10}")
     lines.append("")
     lines.append(f"{'idle paglets':>12}{'create ms':>12}{'workers USS MiB':>18}{'host RSS MiB':>15}")
     for row in figures.get("scaling", []):
