@@ -1251,3 +1251,20 @@ def test_oversized_body_is_refused_before_it_is_read(make_host: MakeHost) -> Non
         assert 400 <= resp.status < 500
     assert counter.send("get") == 0
     assert HostClient().health(host.address)["status"] == "ok"
+
+
+# -- review regressions ------------------------------------------------------------------------------
+def test_chunked_request_gets_411_and_its_body_is_never_a_request(make_host: MakeHost) -> None:
+    host = make_host("alpha")
+    counter = host.create(agents.Counter)
+    inner = f'POST /agents/{counter.agent_id}/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n{{"kind": "add"}}'
+    outer = "POST /hosts/join HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    data = (outer + f"{len(inner):x}\r\n{inner}\r\n0\r\n\r\n").encode()
+    received = b""
+    with socket.create_connection(("127.0.0.1", host.port), timeout=TIMEOUT) as sock:
+        sock.sendall(data)
+        while chunk := sock.recv(65536):  # until the server closes the connection (a timeout fails the test)
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 411 "), received[:200]
+    assert received.count(b"HTTP/1.") == 1, received  # one answer, then the connection was closed
+    assert counter.send("get") == 0  # the smuggled message never ran

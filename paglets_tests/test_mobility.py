@@ -18,10 +18,13 @@ import sys
 import threading
 import time
 import urllib.parse
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import apsw
+import cbor2
 import psutil
 import pytest
 
@@ -993,3 +996,83 @@ def test_demo_ends_by_itself_and_prints_each_hop() -> None:
     assert done.returncode == 0, done.stderr
     hops = re.findall(r"(\w+)\s*->\s*(\w+)", done.stdout)
     assert [hop for hop in hops if hop[0] != "born"] == [("alpha", "beta"), ("beta", "gamma"), ("gamma", "alpha")], done.stdout
+
+
+# == review regressions: transfer envelopes from the network, and the answer to an abort ==========
+def post_envelope(host: paglets.Host, agent_id: str, meta: Any) -> tuple[int, Any]:
+    """POST /transfers with a hand-made CBOR envelope for a Counter: (status, decoded answer)."""
+    envelope = {
+        "tid": "t" + uuid.uuid4().hex, "kind": "dispatch", "agent_id": agent_id, "agent_class": "paglets_tests.agents:Counter",
+        "epoch": 1, "state": paglets._cbor_dumps(paglets._wire_encode(agents.CounterState())),
+        "source_url": "http://127.0.0.1:9", "source_name": "nowhere", "meta": meta,
+    }  # fmt: skip
+    headers = {"Content-Type": "application/cbor", "Accept": "application/cbor"}
+    status, _, body = raw_request(host.address, "POST", "/transfers", cbor2.dumps(envelope), headers)
+    return status, cbor2.loads(body)
+
+
+@pytest.mark.parametrize("bad", ["climbing-name", "absolute-name", "unknown-mode"])
+def test_travelling_files_that_would_land_outside_the_data_folder_are_refused(
+    make_host: HostFactory, client: HostClient, tmp_path: Path, bad: str
+) -> None:
+    b = make_host("beta")
+    payload = b"written by a transfer\n"
+    source = tmp_path / "payload.bin"
+    source.write_bytes(payload)
+    digest = hashlib.sha256(payload).hexdigest()
+    artifact = client.upload_artifact(source, host_url=b.address, name="payload.bin", sha256=digest)
+    outside = tmp_path / "escape" / "pwned.txt"
+    outside.parent.mkdir()
+    item = {"name": "fine.bin", "sha256": digest, "size": len(payload), "artifact_id": artifact.artifact_id, "mode": "copy"}
+    wrong = {
+        "climbing-name": {"name": "../" * 24 + str(outside).lstrip("/")},
+        "absolute-name": {"name": str(outside)},
+        "unknown-mode": {"mode": "delete"},
+    }[bad]
+    status, answer = post_envelope(b, "intruder", {"files": [{**item, **wrong}]})
+    assert 400 <= status < 500, (status, answer)
+    assert "intruder" not in ids(b)
+    assert list(outside.parent.iterdir()) == []
+    # The same envelope with a plain name and mode is fine: the refusal was about the name or the mode.
+    assert post_envelope(b, "visitor", {"files": [item]}) == (200, {"status": "accepted"})
+    wait_until(lambda: "visitor" in ids(b, "active"))
+    (landed,) = b.registered_files("visitor")
+    assert Path(landed.current_path).resolve().is_relative_to(b.data_dir.resolve())
+    assert Path(landed.current_path).read_bytes() == payload
+    assert list(outside.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("meta", [{"files": 5}, {"files": [5]}, {"subscriptions": 3}])
+def test_malformed_envelope_meta_is_a_400_not_a_500(make_host: HostFactory, meta: Any) -> None:
+    b = make_host("beta")
+    status, answer = post_envelope(b, "malformed", meta)
+    assert status == 400, (status, answer)
+    assert isinstance(answer, dict) and answer["error"] and answer["message"], answer
+    assert "malformed" not in ids(b)
+    assert post_envelope(b, "wellformed", {"files": [], "subscriptions": ["news"]}) == (200, {"status": "accepted"})
+
+
+def test_abort_of_an_accepted_transfer_whose_journal_row_was_forgotten_answers_accepted(make_host: HostFactory) -> None:
+    a, b = make_host("alpha"), make_host("beta")
+    counter = a.create(agents.Counter, init=4)
+    moved = counter.dispatch(b.address)
+    assert moved.send("add") == 5
+    db = apsw.Connection(str(b.data_dir / "paglets.sqlite3"))
+    try:
+        ((tid, epoch),) = list(db.execute("SELECT tid, epoch FROM transfers WHERE direction='in' AND agent_id=?", (counter.agent_id,)))
+    finally:
+        db.close()
+    b._store.forget_transfers(time.time() + 1)  # what housekeeping does a week later
+
+    def abort(transfer_id: str, at_epoch: int) -> tuple[int, Any]:
+        body = json.dumps({"agent_id": counter.agent_id, "source_url": a.address, "epoch": at_epoch})
+        status, _, answer = raw_request(b.address, "POST", f"/transfers/{transfer_id}/abort", body, {"Content-Type": "application/json"})
+        return status, json.loads(answer)
+
+    # The source, still in doubt, asks: the paglet did arrive, so it must not run there again.
+    assert abort(tid, epoch) == (200, {"status": "accepted"})
+    assert abort(tid, epoch) == (200, {"status": "accepted"})
+    # A transfer of a later epoch that never reached this host is refused.
+    assert abort("t" + uuid.uuid4().hex, epoch + 1) == (200, {"status": "refused"})
+    assert moved.send("add") == 6
+    assert counter.agent_id not in ids(a, "active")

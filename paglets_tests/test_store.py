@@ -26,7 +26,7 @@ from paglets import (
     PagletInactiveError,
     StorageQuotaError,
 )
-from paglets_tests import agents, agents_store
+from paglets_tests import agents, agents_review, agents_store
 from paglets_tests.conftest import PAGLETS_PY, ROOT, ServeProcess, process_gone, wait_until
 
 DB = "paglets.sqlite3"
@@ -633,3 +633,50 @@ def test_second_serve_process_on_the_same_folder_is_refused(serve: Callable[...,
     assert HostClient().health(proc.url)["status"] == "ok"
     proc.kill()
     serve("svc", data_dir=data).start()  # the kernel dropped the dead host's lock
+
+
+# -- review regressions: host snapshots, durable-queue messages and a deactivation ------------------
+def test_host_snapshot_then_acknowledged_messages_all_survive_a_restart(make_host: HostFactory, tmp_path: Path) -> None:
+    first = make_host("alpha")
+    counter = first.create(agents.CheckpointedCounter)  # CHECKPOINT = "message"
+    assert counter.send("add") == 1
+    first.snapshot(counter.agent_id)
+    for n in range(2, 7):
+        assert counter.send("add") == n  # acknowledged: each one's checkpoint is stored
+    first.stop()  # no shutdown hooks, as in a crash
+
+    second = make_host("alpha-again", data_dir=tmp_path / "alpha")
+    assert second.get_state(counter.agent_id).count == 6  # not the older snapshot
+    again = second.get_proxy(counter.agent_id)
+    assert again is not None and again.send("add") == 7
+
+
+def queued_rows(host: paglets.Host, agent_id: str) -> list[tuple[int, str]]:
+    """(seq, kind) of a paglet's durably queued messages, oldest first."""
+    return [(seq, paglets._cbor_loads(blob, untrusted=False)["kind"]) for seq, blob, _ in host._store.queued(agent_id)]
+
+
+def test_deactivation_while_queued_messages_are_delivered_leaves_no_duplicates(make_host: HostFactory, tmp_path: Path) -> None:
+    first = make_host("alpha")
+    proxy = first.create(agents_review.QueueCounter)
+    proxy.deactivate(asleep(agents_review.QUEUE_ONLY))
+    proxy.send_oneway("deactivate-me")
+    for _ in range(5):
+        proxy.send_oneway(Message("add", {"by": 1}))  # acknowledged: stored durably
+    rows = queued_rows(first, proxy.agent_id)
+    assert [kind for _, kind in rows] == ["deactivate-me", "add", "add", "add", "add", "add"]
+    # Activation hands all six to the worker; the first puts it back to sleep while the five adds
+    # wait for their turn.  They are still in the durable queue: they must stay the rows they are,
+    # not be queued a second time (a crash before the first copies were dropped left both).
+    first.activate(proxy.agent_id)
+    wait_until(lambda: not proxy.is_active() and queued_rows(first, proxy.agent_id)[:1] != rows[:1])
+    assert queued_rows(first, proxy.agent_id) == rows[1:]
+    first.stop()
+    query = f"SELECT seq FROM queue WHERE agent_id='{proxy.agent_id}' ORDER BY seq"
+    assert sql(tmp_path / "alpha" / DB, query) == [(seq,) for seq, _ in rows[1:]]
+
+    second = make_host("alpha-again", data_dir=tmp_path / "alpha")
+    second.activate(proxy.agent_id)
+    again = second.get_proxy(proxy.agent_id)
+    assert again is not None and again.send("get") == 5  # each acknowledged add handled once
+    wait_until(lambda: second._store.queue_length(proxy.agent_id) == 0)

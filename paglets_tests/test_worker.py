@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -20,7 +24,7 @@ from paglets import (
     NotHandledError,
     PagletCrashedError,
 )
-from paglets_tests import agents
+from paglets_tests import agents, agents_review
 from paglets_tests.conftest import process_gone, wait_until
 
 
@@ -207,3 +211,114 @@ def test_self_deactivate_and_dispose_from_a_handler(host: paglets.Host) -> None:
     assert events[2:4] == ["deactivating:self", "activation:message"]
     assert rec.send("dispose-me") == "bye"
     wait_until(lambda: not rec.is_valid())
+
+
+# -- review regressions: the worker/host message path ----------------------------------------------
+def test_get_state_while_a_handler_holds_its_lock_across_a_send(host: paglets.Host) -> None:
+    gate = host.create(agents.Gate)
+    caller = host.create(agents_review.LockedCaller)
+    asked = caller.send_future(Message("ask", {"other": gate.agent_id, "kind": "block"}), timeout=30)
+    wait_until(lambda: gate.send(Message("is-blocked", priority=UNQUEUED_PRIORITY)))
+    # The caller's handler now holds its state lock and waits for the gate's reply.
+    worker = host._live[caller.agent_id].worker
+    with ThreadPoolExecutor(1) as pool:
+        peek = pool.submit(host.get_state, caller.agent_id)
+        wait_until(lambda: len(worker.calls) == 2)  # the state request went out ahead of the gate's reply
+        assert gate.send(Message("open", priority=UNQUEUED_PRIORITY)) == "opened"
+        assert asked.get_reply(10) == "unblocked"
+        assert peek.result(10) == agents_review.TallyState(n=1)  # taken once the lock was free
+    assert caller.send("get", timeout=5) == 1
+    assert host.get_state(caller.agent_id) == agents_review.TallyState(n=1)
+
+
+def test_many_senders_to_one_paglet_whose_handler_makes_a_context_call(host: paglets.Host) -> None:
+    # More senders than the host has context-call threads: a sender waiting for its reply must not
+    # hold one of them, or the target's own context call (get_property) never gets a thread.
+    target = host.create(agents_review.Relay)
+    senders = [host.create(agents_review.Relay) for _ in range(paglets.CONTEXT_THREADS + 6)]
+    blocked = target.send_future("block")
+    wait_until(lambda: target.send(Message("is-blocked", priority=UNQUEUED_PRIORITY)))
+    replies = [s.send_future(Message("go", {"to": target.agent_id}), timeout=30) for s in senders]
+    queue = host._live[target.agent_id].worker.queue
+    wait_until(lambda: len(queue) >= paglets.CONTEXT_THREADS)  # (nearly) every sender waits for the target now
+    assert target.send(Message("open", priority=UNQUEUED_PRIORITY)) == "opened"
+    assert blocked.get_reply(10) == "unblocked"
+    deadline = time.monotonic() + 20
+    assert [r.get_reply(max(0.1, deadline - time.monotonic())) for r in replies] == [7] * len(senders)
+    assert target.send("hop", timeout=5) == 7
+    assert senders[0].send(Message("go", {"to": target.agent_id}), timeout=5) == 7
+
+
+def race_a_deactivation(host: paglets.Host) -> None:
+    """Four threads send "add" to a fresh Counter while the host deactivates it."""
+    counter = host.create(agents.Counter)  # default policy: a message wakes it
+    acked: list[Any] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def spam() -> None:
+        while not stop.is_set():
+            try:
+                acked.append(counter.send("add", timeout=10))
+            except Exception as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=spam, daemon=True) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: len(acked) >= 20)
+        host.deactivate(counter.agent_id)
+        before = len(acked)
+        wait_until(lambda: len(acked) >= before + 20 or errors)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(15)
+    assert not errors, errors[:3]
+    # every acknowledged "add" counted once (some were acknowledged as queued while it slept)
+    wait_until(lambda: counter.send("get", timeout=10) == len(acked))
+
+
+def test_messages_racing_a_deactivation_all_succeed(host: paglets.Host) -> None:
+    for _ in range(5):
+        race_a_deactivation(host)
+
+
+def test_error_of_a_oneway_message_is_logged_as_an_event(host: paglets.Host) -> None:
+    counter = host.create(agents.Counter)
+    counter.send_oneway(Message("raise", {"value": 41}))
+
+    def failed() -> list[paglets.ContextEvent]:
+        return [e for e in host.list_events(limit=1000) if e.kind == "message-failed" and e.agent_id == counter.agent_id]
+
+    (event,) = wait_until(failed)
+    assert "ValueError" in str(event.error) and "bad value 41" in str(event.error), event
+    assert counter.send("add") == 1
+
+
+def test_exit_statuses_of_ended_workers_stay_bounded(host: paglets.Host) -> None:
+    server = paglets._ForkServer.shared()
+    for _ in range(max(100, 1100 - len(server._exits))):  # more ended workers than the bound, all told
+        host.create(agents.Counter).dispose()
+    last = host.create(agents.Counter)
+    pid = last.send("pid")
+    last.dispose()
+    wait_until(lambda: pid in server._exits)  # the fork server has reaped the newest one
+    assert len(server._exits) <= 1024
+
+
+def test_a_stopped_host_leaves_no_open_sockets(tmp_path: Path) -> None:
+    me = psutil.Process()
+    warm = paglets.Host("warm", data_dir=tmp_path / "warm").start_background()  # the fork server and imports exist now
+    warm.stop()
+    before = me.num_fds()
+    hosts = []
+    for n in range(5):
+        h = paglets.Host(f"h{n}", data_dir=tmp_path / f"h{n}").start_background()
+        hosts.append(h)  # still referenced: the garbage collector closes nothing for it
+        try:
+            assert h.create(agents.Counter).send("add") == 1
+        finally:
+            h.stop()
+    wait_until(lambda: me.num_fds() - before <= 3, timeout=5)
