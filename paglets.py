@@ -858,6 +858,11 @@ def _wire_encode_dataclass(value: Any, path: str, depth: int) -> Any:
     return {"$dc": _qualified_name(cls), "$f": fields}
 
 
+def _wire_fields_tree(cls: type, fields: dict[str, Any]) -> dict[str, Any]:
+    """The wire tree of a dataclass given as a plain map of its fields (from JSON, TOML, a CLI)."""
+    return {"$dc": _qualified_name(cls), "$f": fields}
+
+
 def _wire_seq(tag: str) -> Callable[[Any, str, int], Any]:
     def encode(value: Any, path: str, depth: int) -> Any:
         inner = _wire_nest(depth, 2, path)  # {tag: [items]}
@@ -5707,7 +5712,7 @@ def _route_create(host: Host, request: Any) -> tuple[int, Any]:
         unknown = sorted(set(state) - {f.name for f in dataclasses.fields(cls.State)})
         if unknown:
             raise SerializationError(f"{cls.State.__qualname__} has no field {unknown[0]!r}")
-        state = {"$dc": _qualified_name(cls.State), "$f": state}  # a plain map holds the State's fields
+        state = _wire_fields_tree(cls.State, state)  # a plain map holds the State's fields
     state = _wire_decode(state, host.resolve)
     init = _wire_decode(body.get("init"), host.resolve)
     agent_id = body.get("agent_id")
@@ -7445,7 +7450,7 @@ class Host:
             assert isinstance(cls, type)
             state = spec.state
             if isinstance(state, dict):
-                state = _wire_decode({"$dc": _qualified_name(cls.State), "$f": state}, _wire_resolver(None))  # type: ignore[attr-defined]
+                state = _wire_decode(_wire_fields_tree(cls.State, state), _wire_resolver(None))  # type: ignore[attr-defined]
             self.create(cls, state, agent_id=agent_id, init={"resident": True})
             return self._live[agent_id]
 
@@ -8457,7 +8462,7 @@ def _cli_resident(entry: Any, where: str) -> ResidentService | None:
         if unknown:
             raise _CliError(f"{where}.state.{unknown[0]}: not a field of {cls.State.__qualname__}")
         try:
-            state = _wire_decode({"$dc": _qualified_name(cls.State), "$f": state}, _wire_resolver(None))
+            state = _wire_decode(_wire_fields_tree(cls.State, state), _wire_resolver(None))
         except PagletError as exc:
             raise _CliError(f"{where}.state: {exc}") from exc
     return ResidentService(
