@@ -6661,6 +6661,20 @@ class Host:
             if live is not None:
                 self._retire(live, 0.2)
 
+    def _start_stored(self, agent_id: str, row: _AgentRow | None) -> _Live | None:
+        """A paglet known only to the database: start it if it should run (it arrived, or it was
+        active when the host died), refuse it if it is not here; None if it is inactive."""
+        if row is None or row.status in ("gone", "departing"):
+            moved = f" (it moved to {row.forward_url})" if row is not None and row.forward_url else ""
+            raise InvalidAgentError(f"no paglet {agent_id!r} on {self.name}{moved}")
+        if row.status == "crashed":
+            raise PagletCrashedError(row.reason or f"paglet {agent_id!r} crashed")
+        if row.status == "arriving":
+            return self._arrive(agent_id)
+        if row.status == "active":  # restored lazily after a crash of the host
+            return self._activate(agent_id, "recover")
+        return None
+
     def _check_known(self, agent_id: str) -> None:
         """That a paglet lives here (starting, running, or stored), without waking or waiting for it.
 
@@ -6677,16 +6691,9 @@ class Host:
         live = self._live.get(agent_id)
         if live is not None:
             return live
-        row = self._store.agent(_check_agent_id(agent_id))
-        if row is None or row.status in ("gone", "departing"):
-            moved = f" (it moved to {row.forward_url})" if row is not None and row.forward_url else ""
-            raise InvalidAgentError(f"no paglet {agent_id!r} on {self.name}{moved}")
-        if row.status == "crashed":
-            raise PagletCrashedError(row.reason or f"paglet {agent_id!r} crashed")
-        if row.status == "arriving":
-            return self._arrive(agent_id)
-        if row.status == "active":  # restored lazily after a crash of the host
-            return self._activate(agent_id, "recover")
+        live = self._start_stored(agent_id, self._store.agent(_check_agent_id(agent_id)))
+        if live is not None:
+            return live
         if inactive_ok:
             return None
         if wake:
@@ -6799,14 +6806,9 @@ class Host:
         """A message for a paglet that is not running: activate it, queue the message, or refuse."""
         if agent_id in self._residents and (row is None or row.status in ("inactive", "crashed")):
             return self._wake_resident(agent_id, "message")
-        if row is None or row.status in ("departing", "gone"):
-            raise InvalidAgentError(f"no paglet {agent_id!r} on {self.name}")
-        if row.status == "crashed":
-            raise PagletCrashedError(row.reason or f"paglet {agent_id!r} crashed")
-        if row.status == "arriving":
-            return self._arrive(agent_id)
-        if row.status == "active":
-            return self._activate(agent_id, "recover")
+        live = self._start_stored(agent_id, row)
+        if live is not None or row is None:
+            return live
         policy = row.policy or DeactivationPolicy()
         if policy.activate_on_message:
             return self._activate(agent_id, "message")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any
 
-from paglets import CreationEvent, DeactivationPolicy, Message, Paglet, PagletState
-from paglets_tests.agents import Counter
+from paglets import DeactivationPolicy, Message, Paglet, PagletState
+from paglets_tests.agents import Counter, Gate
 
 
 @dataclass
@@ -31,30 +30,16 @@ class LockedCaller(Paglet[TallyState]):
         return self.not_handled()
 
 
-class Relay(Paglet[TallyState]):
-    """Kind "go" sends "hop" to another Relay; "hop" makes one context call; "block" holds the mailbox until an UNQUEUED "open"."""
-
-    State = TallyState
-
-    def on_creation(self, event: CreationEvent) -> None:
-        self.gate = threading.Event()
-        self.blocked = threading.Event()
+class Relay(Gate):
+    """Kind "go" sends "hop" to another Relay; "hop" makes one context call; "block" holds the
+    mailbox until an UNQUEUED "open" (Gate's kinds)."""
 
     def handle_message(self, message: Message) -> Any:
         if message.kind == "hop":
             return self.context.get_property("relay-x", 7)
         if message.kind == "go":
             return self.send(message.get_arg("to"), "hop")
-        if message.kind == "block":
-            self.blocked.set()
-            self.gate.wait(30)
-            return "unblocked"
-        if message.kind == "is-blocked":
-            return self.blocked.is_set()
-        if message.kind == "open":
-            self.gate.set()
-            return "opened"
-        return self.not_handled()
+        return super().handle_message(message)
 
 
 #: Asleep, it queues messages durably and waits for an explicit activation.

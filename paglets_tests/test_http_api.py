@@ -15,7 +15,7 @@ import sys
 import threading
 import urllib.parse
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -544,6 +544,24 @@ def test_host_client_recovers_when_the_server_closed_an_idle_connection(make_hos
     assert counter.send("get") == 2
 
 
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[Any]:
+    """An outer WSGI app served by wsgiref on a free loopback port, shut down afterwards."""
+    server = make_server("127.0.0.1", 0, app, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_mounted_in_an_outer_bottle_app_under_a_prefix(make_host: MakeHost) -> None:
     host = make_host("alpha")
     counter = host.create(agents.Counter)
@@ -551,14 +569,7 @@ def test_mounted_in_an_outer_bottle_app_under_a_prefix(make_host: MakeHost) -> N
     outer.route("/hello", "GET", lambda: "outer app")
     outer.mount("/paglets/", host.wsgi_app)
 
-    class QuietHandler(WSGIRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = make_server("127.0.0.1", 0, outer, handler_class=QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(outer) as server:
         port = server.server_port
         status, tree = call(port, "GET", "/paglets/health")
         assert status == 200 and tree["name"] == "alpha"
@@ -572,9 +583,6 @@ def test_mounted_in_an_outer_bottle_app_under_a_prefix(make_host: MakeHost) -> N
         assert_error(status, tree, 400, "NotHandledError")
         assert counter.send("get") == 4
         assert request(port, "GET", "/health")[0] == 404  # only under the prefix
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_host_client_and_proxy_talk_to_a_host_mounted_under_a_prefix(make_host: MakeHost) -> None:
@@ -584,21 +592,11 @@ def test_host_client_and_proxy_talk_to_a_host_mounted_under_a_prefix(make_host: 
     outer = bottle.Bottle()
     outer.mount("/paglets/", host.wsgi_app)
 
-    class QuietHandler(WSGIRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = make_server("127.0.0.1", 0, outer, handler_class=QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(outer) as server:
         base = f"http://127.0.0.1:{server.server_port}/paglets"
         client = HostClient()
         assert client.health(base)["name"] == "alpha"
         assert PagletProxy(base, counter.agent_id, client).send("add", by=2) == 2
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 # -- 3. PagletProxy: local and remote the same -----------------------------------------------------------

@@ -153,12 +153,7 @@ class TransferSaboteur:
         """Every connection closes and new ones are refused (the port is not listening)."""
         with self._lock:
             socks, self._sockets = [self._listener, *self._sockets], []
-        for sock in socks:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+        self._close(*socks)
 
     close = cut_network
 
